@@ -1,0 +1,59 @@
+"""The JSON API: routers of both apps, the OpenAPI schema, and errors as 4xx JSON.
+Every error body has a ``detail`` message; validation errors add ``errors`` with one entry per
+problem. Validation failures answer 400 (orchestrator-core's convention) rather than ninja's 422.
+"""
+
+
+from django.http import HttpRequest, HttpResponse
+from ninja import NinjaAPI
+from ninja.errors import ValidationError
+
+from engine_status.api import router as engine_router
+from processes.api import router as processes_router
+from processes.services import EngineLocked, ProcessConflict, ProcessNotFound, UnknownWorkflow
+from processes.workflow import FormInputError
+
+api = NinjaAPI(
+    title="orchestrator-ws",
+    version="1.0.0",
+    description="Workflow processes, their steps and the engine lock. Live updates of the same "
+    "data are pushed over websockets; see docs/websocket-protocol.md.",
+    openapi_url="/openapi.json",
+    docs_url="/docs",
+)
+api.add_router("", processes_router)
+api.add_router("", engine_router)
+
+_STATUS_OF_ERROR = {
+    UnknownWorkflow: 404,
+    ProcessNotFound: 404,
+    ProcessConflict: 409,
+    EngineLocked: 503,
+}
+
+
+def _error(request: HttpRequest, exc: Exception) -> HttpResponse:
+    return api.create_response(request, {"detail": str(exc)}, status=_STATUS_OF_ERROR[type(exc)])
+
+
+for error_class in _STATUS_OF_ERROR:
+    api.add_exception_handler(error_class, _error)
+
+
+@api.exception_handler(FormInputError)
+def _invalid_form(request: HttpRequest, exc: FormInputError) -> HttpResponse:
+    return api.create_response(
+        request, {"detail": "invalid input", "errors": exc.errors}, status=400
+    )
+
+
+@api.exception_handler(ValidationError)
+def _invalid_request(request: HttpRequest, exc: ValidationError) -> HttpResponse:
+    errors = [
+        {
+            "field": ".".join(str(part) for part in error.get("loc", ())),
+            "message": error.get("msg", "invalid"),
+        }
+        for error in exc.errors
+    ]
+    return api.create_response(request, {"detail": "invalid request", "errors": errors}, status=400)

@@ -1,0 +1,56 @@
+"""The environment variables that configure orchestrator-ws, parsed and checked in one place.
+
+Settings read these through :func:`load_environment`; every variable is documented in the README.
+A bad or missing value stops the process with one line naming the variable, instead of a traceback
+from somewhere deep in Django.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Environment(BaseSettings):
+    """Typed view of the process environment (names are the variable names, case-sensitive)."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
+
+    DJANGO_SECRET_KEY: str = ""
+    DJANGO_DEBUG: bool = False
+    DJANGO_ALLOWED_HOSTS: CommaList = Field(default_factory=lambda: ["localhost", "127.0.0.1", "[::1]"])
+    DATABASE_URL: str = f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
+    REDIS_URL: str = ""
+    MAX_WORKERS: int = Field(default=5, ge=1, le=256)
+
+    @field_validator("DJANGO_ALLOWED_HOSTS", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [host.strip() for host in value.split(",") if host.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _secret_key_outside_debug(self) -> Environment:
+        if not self.DJANGO_DEBUG and not self.DJANGO_SECRET_KEY:
+            raise ValueError("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is off")
+        return self
+
+
+def load_environment() -> Environment:
+    """Parse the environment, or exit with a one-line message saying which variable to fix."""
+    try:
+        return Environment()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        variable = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        where = f"{variable}: " if variable else ""
+        raise SystemExit(f"orchestrator-ws: configuration error: {where}{message}") from None

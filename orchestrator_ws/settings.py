@@ -1,0 +1,120 @@
+"""Django settings for orchestrator-ws; every deployment knob comes from the environment."""
+
+from __future__ import annotations
+
+import dj_database_url
+
+from orchestrator_ws.environment import BASE_DIR, load_environment
+
+ENV = load_environment()
+
+SECRET_KEY = ENV.DJANGO_SECRET_KEY or "django-insecure-development-only-key"
+DEBUG = ENV.DJANGO_DEBUG
+ALLOWED_HOSTS = ENV.DJANGO_ALLOWED_HOSTS
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "engine_status",
+    "processes",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "orchestrator_ws.urls"
+ASGI_APPLICATION = "orchestrator_ws.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+
+def _database(url: str) -> dict:
+    """Parse DATABASE_URL; SQLite gets WAL, a busy timeout and IMMEDIATE transactions.
+
+    WAL lets readers run while a worker thread commits a step; IMMEDIATE takes the write lock at
+    BEGIN so two writers queue on the busy timeout instead of failing with "database is locked"
+    when one of them tries to upgrade a read lock. This is what lets the worker pool and several
+    daphne processes share one SQLite file.
+    """
+    database = dj_database_url.parse(url, conn_max_age=0)
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        # A file, not Django's default in-memory test database: worker threads and the daphne
+        # processes of end-to-end tests must all see the same data.
+        name = str(database["NAME"])
+        if name != ":memory:":
+            database["TEST"] = {"NAME": name.removesuffix(".sqlite3") + "-test.sqlite3"}
+        database["OPTIONS"] = {
+            "timeout": 30,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    return database
+
+
+DATABASES = {"default": _database(ENV.DATABASE_URL)}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+if ENV.REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [ENV.REDIS_URL]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# Worker threads that execute processes inside each server process.
+MAX_WORKERS = ENV.MAX_WORKERS
+# Python modules whose import registers workflows (see processes.workflow.register).
+WORKFLOW_MODULES = ["processes.demo_workflows"]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "INFO"},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

@@ -1,0 +1,228 @@
+"""The workflow engine and the engine lock, exercised on the real worker pool."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from django.db import connection
+
+from engine_status import services as engine_lock
+from engine_status.selectors import get_engine_status
+from processes import services
+from processes.engine import no_broadcast
+from processes.models import Process, ProcessStatus, ProcessStep
+from processes.workflow import (
+    ApiUnavailable,
+    InconsistentData,
+    StepWaiting,
+    Workflow,
+    done,
+    register,
+    registry,
+    step,
+)
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def status_of(process_id) -> str:
+    return Process.objects.get(pk=process_id).last_status
+
+
+def wait_for_status(process_id, status, timeout=10):
+    wait_until(lambda: status_of(process_id) == status, timeout=timeout, what=f"status {status}")
+
+
+def put_lock(api_client, locked: bool):
+    response = api_client.put(
+        "/api/settings/status", data=json.dumps({"global_lock": locked}), content_type="application/json"
+    )
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def _register_once(workflow: Workflow) -> Workflow:
+    return registry.get(workflow.key) or register(workflow)
+
+
+def _raise(exc_class):
+    def fail() -> dict:
+        raise exc_class("external system says no")
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    "exc_class, process_status, step_status",
+    [
+        (StepWaiting, "waiting", "waiting"),
+        (ApiUnavailable, "api_unavailable", "failed"),
+        (InconsistentData, "inconsistent_data", "failed"),
+        (ZeroDivisionError, "failed", "failed"),
+    ],
+)
+def test_step_exceptions_map_to_statuses_and_are_resumable(exc_class, process_status, step_status):
+    flaky = step("Flaky")(_raise(exc_class))
+    workflow = _register_once(
+        Workflow(key=f"test_{exc_class.__name__}", description="test", steps=(flaky, done))
+    )
+    process_id = services.start_process(workflow.key, [], created_by="t", broadcast=no_broadcast)
+    wait_for_status(process_id, process_status)
+    process = Process.objects.get(pk=process_id)
+    assert process.failed_reason == f"{exc_class.__name__}: external system says no"
+    assert process.steps.last().status == step_status
+    # Resumable: it is retried (and fails again the same way).
+    services.resume_process(process_id, [], resumed_by="t", broadcast=no_broadcast)
+    wait_until(lambda: process.steps.filter(name="Flaky").count() == 2, what="retry")
+    wait_for_status(process_id, process_status)
+
+
+def test_step_function_may_take_the_whole_state():
+    @step("Count keys")
+    def count_keys(state: dict) -> dict:
+        return {"keys": sorted(state)}
+
+    workflow = _register_once(Workflow(key="test_whole_state", description="t", steps=(count_keys, done)))
+    process_id = services.start_process(workflow.key, [{"a": 1}], created_by="t", broadcast=no_broadcast)
+    wait_for_status(process_id, "completed")
+    assert Process.objects.get(pk=process_id).state == {"a": 1, "keys": ["a"]}
+
+
+def test_step_returning_a_non_dict_fails_the_process_clearly():
+    bad = step("Bad return")(lambda: [1, 2])
+    workflow = _register_once(Workflow(key="test_bad_return", description="t", steps=(bad, done)))
+    process_id = services.start_process(workflow.key, [], created_by="t", broadcast=no_broadcast)
+    wait_for_status(process_id, "failed")
+    assert "returned list, expected a dict" in Process.objects.get(pk=process_id).failed_reason
+
+
+def test_workflow_must_end_with_done():
+    with pytest.raises(ValueError, match="must end with the done step"):
+        Workflow(key="broken", description="t", steps=(step("A")(lambda: {}),))
+
+
+def test_broadcast_called_after_every_committed_step():
+    calls = []
+    lock = threading.Lock()
+
+    def record(process_id, **details):
+        # Each call comes after the commit: the step it names is already readable.
+        with lock:
+            step_id = details.get("step_id")
+            calls.append((details.get("status"), step_id and ProcessStep.objects.get(step_id=step_id).name))
+
+    process_id = services.start_process("quick_steps", [], created_by="t", broadcast=record)
+    wait_for_status(process_id, "completed")
+    wait_until(lambda: len(calls) == 6)
+    assert calls == [
+        ("created", "Start"),
+        ("running", None),
+        ("running", "Prepare"),
+        ("running", "Compute"),
+        ("running", "Verify"),
+        ("completed", "Done"),
+    ]
+
+
+def test_failing_broadcast_never_fails_or_slows_a_step(caplog):
+    def broken(process_id, **details):
+        raise ConnectionError("broadcaster is down")
+
+    began = time.monotonic()
+    process_id = services.start_process("quick_steps", [], created_by="t", broadcast=broken)
+    wait_for_status(process_id, "completed")
+    assert time.monotonic() - began < 5
+    assert Process.objects.get(pk=process_id).steps.count() == 5
+    assert "broadcaster is down" in caplog.text
+
+
+def test_lock_pauses_at_step_boundary_then_unlock_resumes(api_client):
+    process_id = services.start_process(
+        "long_running", [{"step_delay": 0.4}], created_by="t", broadcast=no_broadcast
+    )
+    wait_until(lambda: ProcessStep.objects.filter(process_id=process_id, name="Slow step 1").exists())
+
+    status = put_lock(api_client, True)
+    assert status == {"global_lock": True, "running_processes": 1, "global_status": "PAUSING"}
+    wait_until(lambda: get_engine_status().running_processes == 0, what="run to stop at a boundary")
+    assert api_client.get("/api/settings/status").json()["global_status"] == "PAUSED"
+    assert status_of(process_id) == "running"  # paused runs keep their status
+    logged = Process.objects.get(pk=process_id).steps.count()
+    time.sleep(0.6)
+    assert Process.objects.get(pk=process_id).steps.count() == logged  # really paused
+
+    refused = api_client.post("/api/processes/quick_steps", data="[]", content_type="application/json")
+    assert refused.status_code == 503
+    assert "locked" in refused.json()["detail"]
+
+    status = put_lock(api_client, False)
+    assert status["global_status"] == "RUNNING"
+    wait_for_status(process_id, "completed")
+    names = [s.name for s in Process.objects.get(pk=process_id).steps.all()]
+    assert names == ["Start", *(f"Slow step {i}" for i in range(1, 6)), "Done"]
+
+
+def test_resume_refused_while_locked(api_client):
+    process_id = services.start_process("confirm_input", [], created_by="t", broadcast=no_broadcast)
+    wait_for_status(process_id, "suspended")
+    put_lock(api_client, True)
+    response = api_client.put(
+        f"/api/processes/{process_id}/resume",
+        data=json.dumps([{"approved": True}]),
+        content_type="application/json",
+    )
+    assert response.status_code == 503
+    assert status_of(process_id) == "suspended"
+    put_lock(api_client, False)
+    assert status_of(process_id) == "suspended"  # unlock resumes paused runs, not suspended ones
+
+
+@pytest.mark.parametrize("body", ['{"global_lock": "yes"}', "{}", '{"global_lock": true, "x": 1}', "nope"])
+def test_engine_settings_reject_bad_bodies(api_client, body):
+    response = api_client.put("/api/settings/status", data=body, content_type="application/json")
+    assert response.status_code == 400
+    assert get_engine_status().global_lock is False
+
+
+def test_many_processes_share_the_worker_pool(settings):
+    assert settings.MAX_WORKERS == 5
+    seen_running = []
+    ids = [
+        services.start_process("long_running", [{"step_delay": 0.2}], created_by="t", broadcast=no_broadcast)
+        for _ in range(12)
+    ]
+
+    def all_done():
+        seen_running.append(get_engine_status().running_processes)
+        return Process.objects.filter(pk__in=ids, last_status=ProcessStatus.COMPLETED).count() == 12
+
+    wait_until(all_done, timeout=30, interval=0.01)
+    assert max(seen_running) == 5  # the pool was full, never over
+    # A run's count drops just after its last step commits.
+    wait_until(lambda: get_engine_status().running_processes == 0, what="every run to end")
+    for process_id in ids:
+        assert [s.name for s in Process.objects.get(pk=process_id).steps.all()][-1] == "Done"
+        assert Process.objects.get(pk=process_id).run_claim is None
+
+
+def test_engine_lock_counts_are_atomic_under_contention():
+    def churn():
+        try:
+            for _ in range(25):
+                engine_lock.run_started()
+                engine_lock.run_finished()
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    engine_lock.run_started()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert get_engine_status().running_processes == 1
+    engine_lock.run_finished()
