@@ -1,0 +1,35 @@
+"""Run orchestrator-ws under daphne with the project's protocol limits.
+
+    python -m orchestrator_ws.server -b 127.0.0.1 -p 8000
+
+Any daphne option may be added; the defaults below come first so they can be overridden.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from daphne.cli import CommandLineInterface
+
+APPLICATION = "orchestrator_ws.asgi:application"
+
+DAPHNE_DEFAULTS = [
+    # Websocket sessions last as long as the client wants; clients reconnect on their own.
+    "--websocket_timeout", "-1",
+    # Drop a client whose handshake stalls, instead of holding its socket for daphne's 20 s.
+    "--websocket_connect_timeout", "10",
+    # Protocol-level keepalive pings; a dead peer is dropped after ping-timeout seconds.
+    "--ping-interval", "20",
+    "--ping-timeout", "30",
+    # On shutdown, give consumers this long to close their sockets with 1001.
+    "--application-close-timeout", "5",
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argv if argv is not None else sys.argv[1:]
+    CommandLineInterface().run([*DAPHNE_DEFAULTS, *args, APPLICATION])
+
+
+if __name__ == "__main__":
+    main()

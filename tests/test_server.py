@@ -1,0 +1,70 @@
+"""The service as users run it: daphne processes started from the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import wait_until
+from tests.servers import PROJECT_DIR, DaphneServer, TemporaryDatabase, server_environment
+
+
+@pytest.fixture
+def database():
+    db = TemporaryDatabase().create()
+    yield db
+    db.drop()
+
+
+def run_manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=PROJECT_DIR, env=env, capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, variable",
+    [
+        ({"DJANGO_SECRET_KEY": ""}, "DJANGO_SECRET_KEY"),
+        ({"MAX_WORKERS": "many"}, "MAX_WORKERS"),
+        ({"MAX_WORKERS": "0"}, "MAX_WORKERS"),
+        ({"DJANGO_DEBUG": "perhaps"}, "DJANGO_DEBUG"),
+    ],
+)
+def test_bad_configuration_stops_with_one_line_naming_the_variable(overrides, variable):
+    env = server_environment("sqlite:////nonexistent/never-opened.sqlite3", **overrides)
+    result = run_manage(env, "check")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("orchestrator-ws: configuration error: ")
+    assert variable in lines[0]
+
+
+def test_daphne_serves_the_api_end_to_end(database):
+    server = DaphneServer(database.url).start()
+    try:
+        status, body = server.request("POST", "/api/processes/quick_steps", b'[{"name": "e2e"}]')
+        assert status == 201, body
+        process_id = json.loads(body)["id"]
+
+        def completed():
+            status, body = server.request("GET", f"/api/processes/{process_id}")
+            return status == 200 and json.loads(body)["status"] == "completed"
+
+        wait_until(completed, what="the process to complete over HTTP")
+
+        status, body = server.request("PUT", "/api/settings/status", b'{"global_lock": true}')
+        assert (status, json.loads(body)["global_status"]) == (200, "PAUSED")
+        status, body = server.request("POST", "/api/processes/quick_steps", b"[]")
+        assert status == 503
+        status, body = server.request("PUT", "/api/settings/status", b'{"global_lock": false}')
+        assert json.loads(body)["global_status"] == "RUNNING"
+        status, _ = server.request("GET", "/api/processes/not-a-uuid")
+        assert status == 400
+    finally:
+        assert server.stop() == 0, server.log
+    assert "Traceback" not in server.log
