@@ -1,4 +1,7 @@
-"""ASGI entry point for daphne: HTTP through Django, websockets through channels."""
+"""ASGI entry point for daphne: HTTP through Django, websockets through channels.
+
+Importing it starts the server process's broadcast thread (see orchestrator_ws.lifecycle).
+"""
 
 import os
 
@@ -7,6 +10,17 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator_ws.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-application = ProtocolTypeRouter({"http": django_asgi_app})
+from orchestrator_ws import lifecycle  # noqa: E402
+from orchestrator_ws.routing import websocket_urlpatterns  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
+    }
+)
+
+lifecycle.start()

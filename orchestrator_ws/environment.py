@@ -8,7 +8,7 @@ from somewhere deep in Django.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -29,8 +29,18 @@ class Environment(BaseSettings):
     DATABASE_URL: str = f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
     REDIS_URL: str = ""
     MAX_WORKERS: int = Field(default=5, ge=1, le=256)
+    # "fanout": the project's layer (Redis when REDIS_URL is set, in-memory otherwise);
+    # "redis" / "redis-pubsub": channels_redis's stock layers, the benchmark's baselines.
+    CHANNEL_LAYER: Literal["fanout", "redis", "redis-pubsub"] = "fanout"
+    WS_AUTH_REQUIRED: bool = False
+    WS_AUTH_TOKENS: CommaList = Field(default_factory=list)
+    WS_HISTORY_SIZE: int = Field(default=1000, ge=1, le=1_000_000)
+    WS_HISTORY_SECONDS: float = Field(default=600, gt=0)
+    WS_MAX_BUFFER_BYTES: int = Field(default=1 << 20, ge=1024)
+    PROCESS_LIST_COALESCE_MS: int = Field(default=100, ge=0, le=60_000)
+    BROADCAST_QUEUE_SIZE: int = Field(default=10_000, ge=1)
 
-    @field_validator("DJANGO_ALLOWED_HOSTS", mode="before")
+    @field_validator("DJANGO_ALLOWED_HOSTS", "WS_AUTH_TOKENS", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -41,6 +51,8 @@ class Environment(BaseSettings):
     def _secret_key_outside_debug(self) -> Environment:
         if not self.DJANGO_DEBUG and not self.DJANGO_SECRET_KEY:
             raise ValueError("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is off")
+        if self.CHANNEL_LAYER != "fanout" and not self.REDIS_URL:
+            raise ValueError(f"CHANNEL_LAYER={self.CHANNEL_LAYER} needs REDIS_URL")
         return self
 
 

@@ -80,15 +80,36 @@ def _database(url: str) -> dict:
 DATABASES = {"default": _database(ENV.DATABASE_URL)}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-if ENV.REDIS_URL:
-    CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [ENV.REDIS_URL]},
+
+def _channel_layer() -> dict:
+    """The layer the websocket consumers and the broadcast thread share."""
+    history = {"history_size": ENV.WS_HISTORY_SIZE, "history_ttl": ENV.WS_HISTORY_SECONDS}
+    if ENV.CHANNEL_LAYER == "redis":
+        return {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [ENV.REDIS_URL]}}
+    if ENV.CHANNEL_LAYER == "redis-pubsub":
+        return {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer", "CONFIG": {"hosts": [ENV.REDIS_URL]}}
+    if ENV.REDIS_URL:
+        return {
+            "BACKEND": "orchestrator_ws.realtime.redis_layer.RedisFanoutLayer",
+            "CONFIG": {"url": ENV.REDIS_URL, **history},
         }
-    }
-else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    return {"BACKEND": "orchestrator_ws.realtime.layers.InMemoryFanoutLayer", "CONFIG": history}
+
+
+CHANNEL_LAYERS = {"default": _channel_layer()}
+
+# Websockets: authentication (off by default in development) and per-connection bounds.
+WS_AUTH_REQUIRED = ENV.WS_AUTH_REQUIRED
+WS_AUTH_TOKENS = ENV.WS_AUTH_TOKENS
+# Output a client may leave unread before it is closed with 1013.
+WS_MAX_BUFFER_BYTES = ENV.WS_MAX_BUFFER_BYTES
+WS_MAX_QUEUED_MESSAGES = 1000
+# Live messages held for a client while it catches up; beyond, it is resynced.
+WS_SYNC_BUFFER_MESSAGES = 1000
+
+# The broadcast thread: queue bound, and the process-list coalescing window.
+BROADCAST_QUEUE_SIZE = ENV.BROADCAST_QUEUE_SIZE
+PROCESS_LIST_COALESCE_SECONDS = ENV.PROCESS_LIST_COALESCE_MS / 1000
 
 # Worker threads that execute processes inside each server process.
 MAX_WORKERS = ENV.MAX_WORKERS

@@ -9,8 +9,10 @@ class ProcessesConfig(AppConfig):
 
     def ready(self) -> None:
         from engine_status.signals import engine_status_changed
+        from processes.process_data_broadcast import broadcast_engine_status
         from processes.receivers import resume_stalled_on_unlock
 
         for module in settings.WORKFLOW_MODULES:
             import_module(module)
         engine_status_changed.connect(resume_stalled_on_unlock, dispatch_uid="resume-stalled-on-unlock")
+        engine_status_changed.connect(broadcast_engine_status, dispatch_uid="broadcast-engine-status")

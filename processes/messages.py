@@ -2,17 +2,17 @@
 
 The REST views, the websocket consumers and the broadcast thread all build their payloads here,
 so the detail a page loads over HTTP and the detail a websocket pushes are the same JSON.
-``encode`` turns a frame into its compact text once; the layer then delivers that text as is.
+``group_message`` encodes a frame to its compact text once; the layer delivers that text as is.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from engine_status.selectors import EngineStatus
+from orchestrator_ws.realtime.protocol import Frame, encode
 from processes.models import (
     ACTIVE_STATUSES,
     PENDING,
@@ -24,15 +24,18 @@ from processes.models import (
 )
 from processes.workflow import registry
 
-Frame = dict[str, Any]
+# The groups the websocket endpoints follow.
+PROCESS_LIST_GROUP = "process-list"
+ENGINE_STATUS_GROUP = "engine-status"
+EVENTS_GROUP = "events"
+
+
+def process_detail_group(process_id: uuid.UUID | str) -> str:
+    return f"process-detail.{process_id}"
+
 
 # Rows that stand for the current step without finishing it: the step is retried or continued.
 _UNFINISHED_STEP_STATUSES = frozenset({StepStatus.SUSPEND, StepStatus.FAILED, StepStatus.WAITING})
-
-
-def encode(frame: Frame) -> str:
-    """Compact JSON text of a frame (UUIDs and datetimes are already strings)."""
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
 
 
 def _iso(value) -> str | None:
@@ -126,10 +129,6 @@ def process_detail_frame(detail: Frame, step: Frame | None = None, status: str |
     return frame
 
 
-def error_frame(status_code: int, title: str, detail: str) -> Frame:
-    return {"error": {"status_code": status_code, "title": title, "detail": detail}}
-
-
 def engine_status_frame(status: EngineStatus) -> Frame:
     return {"engine-status": status.as_dict()}
 
@@ -151,3 +150,14 @@ def process_event_frames(process_id: uuid.UUID, *, status_counts_changed: bool) 
 
 def engine_event_frame() -> Frame:
     return invalidate_cache_frame({"type": "engineStatus"})
+
+
+def group_message(frame: Frame) -> dict[str, Any]:
+    """The channel-layer message carrying ``frame``; ``close`` ends the receiving streams."""
+    message: dict[str, Any] = {"type": "group.frame", "text": encode(frame)}
+    if frame.get("close"):
+        message["close"] = True
+    return message
+
+
+RESYNC_MESSAGE = {"type": "group.resync"}

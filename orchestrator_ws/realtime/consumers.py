@@ -1,0 +1,333 @@
+"""The base of every websocket endpoint: one consumer per connection following one group.
+
+It owns what the endpoints share, so the page consumers only say which group they follow and
+what a client sees first:
+
+- the handshake: the token (``?token=`` or the ``base64.bearer.token`` subprotocol) and the
+  subprotocol echo;
+- the heartbeat: ``__ping__`` is answered with ``__pong__`` at once;
+- group membership, joined after accept and left on disconnect;
+- the snapshot on connect, and *sync*: joining the stream without a gap or a duplicate.
+
+Sync works like Centrifugo's recovery. The consumer joins the group first and buffers what the
+group delivers; then it either replays the group history after the client's ``since`` or, when
+the history no longer covers it, reads the group's seq and sends a fresh snapshot carrying that
+seq (marked ``resync`` when the client asked for a replay it cannot have); finally it forwards
+the buffered messages newer than what it sent. Live, every message must carry the seq after the
+last one forwarded; a jump means something was lost between the layer and here, and the
+consumer syncs again from its last seq. So a client either sees every message in order or is
+told to resync: never a silent gap.
+
+With a stock channel layer (the benchmark baseline) group messages arrive through the normal
+channels dispatch (``group_frame``) and carry no seq; sync then is just the snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import weakref
+from typing import ClassVar
+from urllib.parse import parse_qs
+
+from channels.consumer import AsyncConsumer
+from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from orchestrator_ws.realtime.layers import Message
+from orchestrator_ws.realtime.protocol import (
+    BEARER_SUBPROTOCOL,
+    CLOSE_BAD_REQUEST,
+    CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_TRY_AGAIN_LATER,
+    PING,
+    PONG,
+    UNAUTHORIZED,
+    Frame,
+    encode,
+    error_frame,
+    resync_frame,
+)
+from orchestrator_ws.realtime.transport import Transport, transport_for
+
+logger = logging.getLogger(__name__)
+
+# Every open connection of this server process, for closing them all on shutdown.
+open_consumers: weakref.WeakSet[GroupConsumer] = weakref.WeakSet()
+
+
+class ConnectRefused(Exception):
+    """Raised by ``snapshot`` to refuse the client: ``frame`` is sent, then close with ``code``."""
+
+    def __init__(self, frame: Frame, code: int):
+        super().__init__(frame)
+        self.frame = frame
+        self.code = code
+
+
+class HandshakeRejected(Exception):
+    """The upgrade request itself is malformed; the handshake is refused (HTTP 403)."""
+
+
+class GroupConsumer(AsyncWebsocketConsumer):
+    # Where the client's token travels: "query" (?token=) or "subprotocol" (bearer subprotocol).
+    token_in: ClassVar[str] = "query"
+
+    group: str = ""
+    transport: Transport | None = None
+    last_seq: int | None = None
+    _buffer: list[Message] | None = None
+    _buffer_overflowed = False
+    _sync_again = False
+    _sync_again_resync = False
+    _sync_task: asyncio.Task | None = None
+    _closing = False
+
+    # --- what page consumers define -------------------------------------------------------------
+
+    def group_name(self) -> str:
+        raise NotImplementedError
+
+    async def snapshot(self) -> Frame | None:
+        """The frame a new (or resyncing) client gets first; None when it gets nothing."""
+        return None
+
+    # --- connection life ------------------------------------------------------------------------
+
+    async def websocket_connect(self, message: Message) -> None:
+        try:
+            subprotocol, token = self._credentials()
+        except HandshakeRejected as rejected:
+            logger.info("websocket handshake rejected on %s: %s", self.scope["path"], rejected)
+            await self.close()
+            return
+        await self.accept(subprotocol)
+        self.transport = transport_for(
+            self.base_send,
+            max_buffer_bytes=settings.WS_MAX_BUFFER_BYTES,
+            max_queued_messages=settings.WS_MAX_QUEUED_MESSAGES,
+        )
+        open_consumers.add(self)
+        if not self._authorized(token):
+            logger.info("websocket unauthorized on %s", self.scope["path"])
+            self._refuse(UNAUTHORIZED, CLOSE_POLICY_VIOLATION)
+            return
+        try:
+            since = self._since()
+        except ValueError as exc:
+            self._refuse(error_frame(400, str(exc), title="Bad Request"), CLOSE_BAD_REQUEST)
+            return
+        self.group = self.group_name()
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        if self._sequenced:
+            self.channel_layer.attach(self.channel_name, self)
+        self._start_sync(since)
+
+    async def websocket_receive(self, message: Message) -> None:
+        # Clients only ever send heartbeats; anything else is ignored, never broadcast.
+        if message.get("text") == PING and self.transport is not None:
+            self.transport.send_text(PONG)
+
+    async def websocket_disconnect(self, message: Message) -> None:
+        self._closing = True
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+        if self.group:
+            if self._sequenced:
+                self.channel_layer.detach(self.channel_name)
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+        open_consumers.discard(self)
+        raise StopConsumer
+
+    @property
+    def closed(self) -> bool:
+        """True once the socket is gone (as far as the transport can tell)."""
+        return self.transport is None or self.transport.closed
+
+    def finish(self, code: int) -> None:
+        """Close the connection after what is already queued for it."""
+        if not self._closing and self.transport is not None:
+            self._closing = True
+            self.transport.close(code)
+
+    def _refuse(self, frame: Frame, code: int) -> None:
+        self.transport.send_text(encode(frame))
+        self.finish(code)
+
+    # --- handshake ------------------------------------------------------------------------------
+
+    @property
+    def _sequenced(self) -> bool:
+        return hasattr(self.channel_layer, "attach")
+
+    def _query(self) -> dict[str, list[str]]:
+        return parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+
+    def _credentials(self) -> tuple[str | None, str | None]:
+        """(subprotocol to echo, token offered) from the upgrade request."""
+        if self.token_in == "subprotocol":
+            offered = self.scope.get("subprotocols") or []
+            if not offered:
+                return None, None
+            if len(offered) != 2 or offered[0] != BEARER_SUBPROTOCOL or not offered[1]:
+                raise HandshakeRejected(f"expected '{BEARER_SUBPROTOCOL}, <token>' as subprotocols")
+            return BEARER_SUBPROTOCOL, offered[1]
+        tokens = self._query().get("token")
+        return None, tokens[-1] if tokens else None
+
+    def _authorized(self, token: str | None) -> bool:
+        if not settings.WS_AUTH_REQUIRED:
+            return True
+        user = self.scope.get("user")
+        if user is not None and user.is_authenticated:
+            return True
+        if not token:
+            return False
+        return any(hmac.compare_digest(token.encode(), known.encode()) for known in settings.WS_AUTH_TOKENS)
+
+    def _since(self) -> int | None:
+        values = self._query().get("since")
+        if not values:
+            return None
+        value = values[-1]
+        if not value.isdigit():
+            raise ValueError("since must be a non-negative integer (the last seq the client has)")
+        return int(value)
+
+    # --- delivery -------------------------------------------------------------------------------
+
+    def deliver(self, group: str, message: Message) -> None:
+        """Called by the layer's hub for each group message (the GroupMember protocol)."""
+        if self._closing:
+            return
+        if self._buffer is None:
+            self._forward(message)
+        elif len(self._buffer) < settings.WS_SYNC_BUFFER_MESSAGES:
+            self._buffer.append(message)
+        else:
+            self._buffer_overflowed = True
+
+    def messages_may_be_lost(self, group: str) -> None:
+        """The server's stream was interrupted: catch up from the history (or resync)."""
+        if not self._closing:
+            self._start_sync(self.last_seq)
+
+    async def group_frame(self, message: Message) -> None:
+        """A group message through channels' dispatch (stock layers)."""
+        self.deliver(message.get("group", self.group), message)
+
+    async def group_resync(self, message: Message) -> None:
+        self.deliver(message.get("group", self.group), message)
+
+    def _forward(self, message: Message) -> None:
+        seq = message.get("seq")
+        if seq is not None and self.last_seq is not None:
+            if seq <= self.last_seq:
+                return  # already sent (replayed, or covered by the snapshot)
+            if seq != self.last_seq + 1:
+                logger.warning(
+                    "gap on %s: expected seq %d, got %d; catching up", self.group, self.last_seq + 1, seq
+                )
+                self._start_sync(self.last_seq, pending=[message])
+                return
+        if seq is not None:
+            self.last_seq = seq
+        if message["type"] == "group.resync":
+            # The sender lost messages of this group: start over from a fresh snapshot.
+            self._start_sync(None, resync=True)
+            return
+        if not self.transport.send_text(message["text"]):
+            self._too_slow()
+            return
+        if message.get("close"):
+            self.finish(CLOSE_NORMAL)
+
+    def _too_slow(self) -> None:
+        logger.warning(
+            "closing a websocket on %s: client is %d bytes behind",
+            self.group,
+            self.transport.buffered_bytes(),
+        )
+        self.finish(CLOSE_TRY_AGAIN_LATER)
+
+    # --- sync -----------------------------------------------------------------------------------
+
+    def _start_sync(self, since: int | None, *, resync: bool = False, pending: list[Message] = ()) -> None:
+        if self._buffer is not None:
+            # A sync is under way; it may have read the history before this reason to sync
+            # arose, so it runs once more (from its own last seq) when it is done.
+            self._buffer.extend(pending)
+            self._sync_again = True
+            self._sync_again_resync = self._sync_again_resync or resync
+            return
+        self._buffer = list(pending)
+        self._buffer_overflowed = self._sync_again = self._sync_again_resync = False
+        self._sync_task = asyncio.ensure_future(self._run_sync(since, resync))
+
+    async def _run_sync(self, since: int | None, resync: bool) -> None:
+        delay = 0.1
+        while not self._closing:
+            try:
+                await self._catch_up(since, resync)
+                break
+            except ConnectRefused as refused:
+                self._buffer = None
+                self._refuse(refused.frame, refused.code)
+                return
+            except Exception:
+                logger.warning("sync of %s failed; retrying in %.1fs", self.group, delay, exc_info=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        buffered, self._buffer = self._buffer or [], None
+        if self._sync_again or self._buffer_overflowed:
+            self._start_sync(self.last_seq, resync=self._sync_again_resync, pending=buffered)
+            return
+        for message in buffered:
+            self.deliver(self.group, message)
+
+    async def _catch_up(self, since: int | None, resync: bool) -> None:
+        """Replay after ``since`` when the history has it all, else send a snapshot."""
+        layer = self.channel_layer
+        if since is not None and self._sequenced:
+            history = await layer.group_history(self.group, since)
+            replayable = history.complete and all(m["type"] == "group.frame" for m in history.messages)
+            if replayable:
+                self.last_seq = since
+                for message in history.messages:
+                    self._forward(message)
+                self.last_seq = history.seq
+                return
+            resync = True
+        seq = await layer.group_seq(self.group) if self._sequenced else None
+        frame = await self.snapshot()
+        if frame is None:
+            frame = resync_frame(seq) if resync else None
+        else:
+            frame = {**frame, "seq": seq} if seq is not None else dict(frame)
+            if resync:
+                frame["resync"] = True
+        if frame is not None:
+            self.transport.send_text(encode(frame))
+        self.last_seq = seq
+
+
+class RejectHandshake(AsyncConsumer):
+    """Refuses the upgrade of any websocket path no endpoint serves (HTTP 403)."""
+
+    async def websocket_connect(self, message: Message) -> None:
+        logger.info("websocket handshake rejected: no endpoint at %s", self.scope["path"])
+        await self.send({"type": "websocket.close"})
+
+    async def websocket_disconnect(self, message: Message) -> None:
+        raise StopConsumer
+
+
+def close_all(code: int) -> list[GroupConsumer]:
+    """Close every open connection of this server process with ``code``; returns them."""
+    consumers = list(open_consumers)
+    for consumer in consumers:
+        consumer.finish(code)
+    return consumers

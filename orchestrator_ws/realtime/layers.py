@@ -1,0 +1,309 @@
+"""Channel layers that fan group messages out once per server process, with sequence numbers.
+
+The stock layers deliver a group message through every member's own channel: one serialized
+copy, one queue and one task wake-up per member per message, and group memberships that expire
+silently. Here the layer keeps a *hub* per server process: it holds one subscription per group
+that has local members, stamps each message once with the group's sequence number and hands the
+same stamped message to every local member, directly when the member attached a sink
+(:meth:`FanoutChannelLayer.attach`), through its channel queue otherwise.
+
+Every message on a group gets a ``seq`` that grows by exactly one per ``group_send``, and the
+layer keeps a bounded history per group, so a member can tell when it missed something and
+catch up (:meth:`group_history`). A message whose ``text`` is a JSON object gets the ``seq``
+spliced in as its first key, so consumers forward that text to their socket unchanged: the
+frame is encoded once by the sender and stamped once per server process.
+
+The API is channels' (``new_channel``, ``send``, ``receive``, ``group_add``, ``group_discard``,
+``group_send``, ``flush``), so any consumer works on it and a stock layer remains a
+configuration switch. Point-to-point ``send`` reaches channels of this server process only.
+
+:class:`InMemoryFanoutLayer` serves one server process; :class:`RedisFanoutLayer` (in
+``redis_layer``) shares groups between all server processes through Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from channels.exceptions import ChannelFull
+from channels.layers import BaseChannelLayer
+
+logger = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+
+
+class GroupMember(Protocol):
+    """A consumer that takes group messages straight from the hub instead of its queue."""
+
+    def deliver(self, group: str, message: Message) -> None:
+        """A stamped group message, in ``seq`` order; called on the hub's event loop."""
+
+    def messages_may_be_lost(self, group: str) -> None:
+        """The server's own stream of ``group`` was interrupted (e.g. Redis reconnected)."""
+
+
+def stamp(message: Message, seq: int) -> Message:
+    """A copy of ``message`` carrying ``seq``, in the dict and inside a JSON-object ``text``."""
+    stamped = dict(message)
+    stamped["seq"] = seq
+    text = message.get("text")
+    if isinstance(text, str) and text.startswith("{"):
+        rest = text[1:]
+        stamped["text"] = f'{{"seq":{seq}' + ("," + rest if rest != "}" else "}")
+    return stamped
+
+
+class History:
+    """What :meth:`FanoutChannelLayer.group_history` found after a given ``seq``."""
+
+    def __init__(self, seq: int, messages: list[Message] | None):
+        self.seq = seq
+        # Stamped messages after the requested seq up to ``seq``, or None when the history no
+        # longer covers that range (trimmed, expired, or lost with a Redis restart).
+        self.messages = messages
+
+    @property
+    def complete(self) -> bool:
+        return self.messages is not None
+
+
+def contiguous(after: int, current: int, entries: Iterable[tuple[int, float, Message]], ttl: float):
+    """The stamped messages after+1..current from ``entries``, or None if any is missing/expired."""
+    if after > current:
+        return None
+    oldest_allowed = time.time() - ttl
+    wanted = after + 1
+    messages = []
+    for seq, created, message in entries:
+        if seq < wanted:
+            continue
+        if seq != wanted or created < oldest_allowed:
+            return None
+        messages.append(stamp(message, seq))
+        wanted += 1
+    return messages if wanted == current + 1 else None
+
+
+class Hub:
+    """This server process's local fan-out: which local channels are in which group."""
+
+    def __init__(self, queue_for: Callable[[str], asyncio.Queue]) -> None:
+        self.groups: dict[str, dict[str, None]] = {}
+        self.members: dict[str, GroupMember] = {}
+        # Channels without a member get group messages through their queue (stock consumers).
+        self.queue_for = queue_for
+
+    def add(self, group: str, channel: str) -> bool:
+        """Add a member; True when it is the group's first local member."""
+        channels = self.groups.setdefault(group, {})
+        first = not channels
+        channels[channel] = None
+        return first
+
+    def discard(self, group: str, channel: str) -> bool:
+        """Remove a member; True when the group has no local member left."""
+        channels = self.groups.get(group)
+        if channels is None:
+            return False
+        channels.pop(channel, None)
+        if channels:
+            return False
+        del self.groups[group]
+        return True
+
+    def dispatch(self, group: str, seq: int, message: Message) -> None:
+        """Stamp once, deliver to every local member (in the order dispatch is called)."""
+        channels = self.groups.get(group)
+        if not channels:
+            return
+        stamped = stamp(message, seq)
+        for channel in list(channels):
+            member = self.members.get(channel)
+            try:
+                if member is not None:
+                    member.deliver(group, stamped)
+                else:
+                    self.queue_for(channel).put_nowait(stamped)
+            except asyncio.QueueFull:
+                logger.warning("channel %s is full; dropped a message of group %s", channel, group)
+            except Exception:
+                logger.exception("delivering a message of group %s to %s failed", group, channel)
+
+    def lost(self, groups: Iterable[str]) -> None:
+        """Tell the members of ``groups`` that messages may have been lost."""
+        for group in list(groups):
+            for channel in list(self.groups.get(group, ())):
+                member = self.members.get(channel)
+                if member is not None:
+                    member.messages_may_be_lost(group)
+
+
+class FanoutChannelLayer(BaseChannelLayer):
+    """Shared machinery of the fan-out layers; subclasses store sequences and history."""
+
+    extensions = ["groups", "flush"]
+
+    def __init__(self, history_size: int = 1000, history_ttl: float = 600, capacity: int = 100, **kwargs):
+        super().__init__(capacity=capacity, **kwargs)
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.hub = Hub(self._local_queue)
+        self.client_prefix = secrets.token_hex(6)
+        # The loop the consumers live on; group fan-out happens there.
+        self.home_loop: asyncio.AbstractEventLoop | None = None
+
+    # --- helpers for subclasses -----------------------------------------------------------------
+
+    @staticmethod
+    def encode(message: Message) -> str:
+        return json.dumps(message, separators=(",", ":"))
+
+    @staticmethod
+    def decode(data: str | bytes) -> Message:
+        return json.loads(data)
+
+    def _bind_home_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.home_loop is None or self.home_loop.is_closed():
+            self.home_loop = loop
+        elif self.home_loop is not loop:
+            raise RuntimeError("group members of this layer must all live on one event loop")
+
+    def _local_queue(self, channel: str) -> asyncio.Queue:
+        queue = self.queues.get(channel)
+        if queue is None:
+            queue = self.queues[channel] = asyncio.Queue(maxsize=self.get_capacity(channel))
+        return queue
+
+    # --- channels API ---------------------------------------------------------------------------
+
+    async def new_channel(self, prefix: str = "specific.") -> str:
+        self._bind_home_loop()
+        return f"{prefix}{self.client_prefix}!{secrets.token_hex(8)}"
+
+    async def send(self, channel: str, message: Message) -> None:
+        """Send to a channel of this server process (the only kind this layer routes)."""
+        assert isinstance(message, dict), "message is not a dict"
+        self.require_valid_channel_name(channel)
+        if self.client_prefix not in channel:
+            raise ValueError(f"{channel!r} is not a channel of this server process")
+        try:
+            self._local_queue(channel).put_nowait(message)
+        except asyncio.QueueFull:
+            raise ChannelFull(channel) from None
+
+    async def receive(self, channel: str) -> Message:
+        self.require_valid_channel_name(channel)
+        return await self._local_queue(channel).get()
+
+    async def group_add(self, group: str, channel: str) -> None:
+        self.require_valid_group_name(group)
+        self.require_valid_channel_name(channel)
+        self._bind_home_loop()
+        if self.hub.add(group, channel):
+            await self._subscribe(group)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        self.require_valid_group_name(group)
+        self.require_valid_channel_name(channel)
+        if self.hub.discard(group, channel):
+            await self._unsubscribe(group)
+
+    async def group_send(self, group: str, message: Message) -> None:
+        await self.group_send_many([(group, message)])
+
+    async def group_send_many(self, messages: list[tuple[str, Message]]) -> list[int]:
+        """Send several group messages in one go, in order; returns their sequence numbers."""
+        for group, message in messages:
+            assert isinstance(message, dict), "message is not a dict"
+            self.require_valid_group_name(group)
+        if not messages:
+            return []
+        return await self._publish(messages)
+
+    async def flush(self) -> None:
+        self.queues.clear()
+        self.hub = Hub(self._local_queue)
+
+    # --- extensions -------------------------------------------------------------------------------
+
+    def attach(self, channel: str, member: GroupMember) -> None:
+        """Deliver this channel's group messages by calling ``member`` instead of queueing them."""
+        self.hub.members[channel] = member
+
+    def detach(self, channel: str) -> None:
+        self.hub.members.pop(channel, None)
+        self.queues.pop(channel, None)
+
+    async def group_seq(self, group: str) -> int:
+        """The sequence number of the group's latest message (0 before the first)."""
+        return (await self.group_history(group, None)).seq
+
+    async def group_history(self, group: str, after: int | None) -> History:
+        """The group's current seq and, unless ``after`` is None, the messages after ``after``."""
+        raise NotImplementedError
+
+    # --- storage, per subclass ----------------------------------------------------------------
+
+    async def _publish(self, messages: list[tuple[str, Message]]) -> list[int]:
+        raise NotImplementedError
+
+    async def _subscribe(self, group: str) -> None:
+        """Start receiving the group's messages in this server process."""
+
+    async def _unsubscribe(self, group: str) -> None:
+        """Stop receiving the group's messages in this server process."""
+
+
+class InMemoryFanoutLayer(FanoutChannelLayer):
+    """The fan-out layer for a single server process (development, demos, tests).
+
+    ``group_send`` may be called from any thread and event loop (the broadcast thread has its
+    own): sequence numbers are taken under a lock and the fan-out is handed to the home loop
+    with ``call_soon_threadsafe``, in sequence order.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._lock = threading.Lock()
+        self._seqs: dict[str, int] = {}
+        self._history: dict[str, list[tuple[int, float, Message]]] = {}
+
+    async def _publish(self, messages: list[tuple[str, Message]]) -> list[int]:
+        seqs = []
+        with self._lock:
+            for group, message in messages:
+                seq = self._seqs.get(group, 0) + 1
+                self._seqs[group] = seq
+                history = self._history.setdefault(group, [])
+                history.append((seq, time.time(), message))
+                if len(history) > self.history_size:
+                    del history[: len(history) - self.history_size]
+                seqs.append(seq)
+                loop = self.home_loop
+                if loop is not None and not loop.is_closed():
+                    loop.call_soon_threadsafe(self.hub.dispatch, group, seq, message)
+        return seqs
+
+    async def group_history(self, group: str, after: int | None) -> History:
+        with self._lock:
+            current = self._seqs.get(group, 0)
+            entries = list(self._history.get(group, ()))
+        if after is None:
+            return History(current, [])
+        return History(current, contiguous(after, current, entries, self.history_ttl))
+
+    async def flush(self) -> None:
+        await super().flush()
+        with self._lock:
+            self._seqs.clear()
+            self._history.clear()

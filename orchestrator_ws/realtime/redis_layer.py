@@ -1,0 +1,290 @@
+"""The fan-out layer shared by every server process through Redis.
+
+One ``group_send`` is one Lua script run: it takes the group's next sequence number, appends the
+message to the group's history stream (trimmed to ``history_size``, expiring after
+``history_ttl`` of silence) and publishes it, atomically, so every subscriber sees a group's
+messages in ``seq`` order. The broadcast thread sends a batch in one pipelined round trip.
+
+Each server process holds **one** pub/sub connection (not one per client) subscribed to the
+groups that have local members; its reader task hands each message to the hub, which stamps it
+once and delivers it to the local members. If the connection drops or Redis stops answering its
+pings, the reader reconnects with backoff, re-subscribes every group by itself and tells the
+members that messages may have been lost, so each catches up from the history or resyncs.
+
+Every Redis command has a timeout (``command_timeout``): a paused Redis blocks no event loop
+for longer than that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from orchestrator_ws.realtime.layers import FanoutChannelLayer, History, Message, contiguous
+
+logger = logging.getLogger(__name__)
+
+# KEYS: seq key, history stream. ARGV: pub/sub channel, message, history size,
+# history ttl (ms), seq ttl (ms). Returns the message's seq.
+PUBLISH_SCRIPT = """
+local seq = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 's', seq, 'm', ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[1], seq .. ':' .. ARGV[2])
+return seq
+"""
+
+# KEYS: seq key, history stream. ARGV: after (-1: seq only), history size.
+# Returns {seq} or {seq, entries newest first}; no entries when the range cannot be covered.
+HISTORY_SCRIPT = """
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+local after = tonumber(ARGV[1])
+if after < 0 or after >= seq or seq - after > tonumber(ARGV[2]) then
+  return {seq}
+end
+return {seq, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', seq - after)}
+"""
+
+_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+
+
+@dataclass
+class _LoopClient:
+    """A command connection pool and the scripts bound to it, for one event loop."""
+
+    redis: aioredis.Redis
+    publish: object
+    history: object
+
+
+class RedisFanoutLayer(FanoutChannelLayer):
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        prefix: str = "orchestrator-ws",
+        command_timeout: float = 2.0,
+        ping_interval: float = 2.0,
+        seq_ttl: float = 86400,
+        max_connections: int = 20,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.url = url
+        self.prefix = prefix
+        self.command_timeout = command_timeout
+        self.ping_interval = ping_interval
+        self.seq_ttl = seq_ttl
+        self.max_connections = max_connections
+        # One command client per event loop (consumers' loop, the broadcast thread's loop).
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._control_channel = f"{prefix}:control"
+        self._pubsub = None
+        self._reader: asyncio.Task | None = None
+        self._confirmations: dict[str, list[asyncio.Future]] = {}
+        self.reconnects = 0
+
+    # --- naming -----------------------------------------------------------------------------------
+
+    def _keys(self, group: str) -> list[str]:
+        # The hash tag keeps a group's keys in one slot (Redis Cluster, and the scripts).
+        return [f"{self.prefix}:{{{group}}}:seq", f"{self.prefix}:{{{group}}}:history"]
+
+    def _channel(self, group: str) -> str:
+        return f"{self.prefix}:group:{group}"
+
+    def _group_of(self, channel: bytes | str) -> str:
+        name = channel.decode() if isinstance(channel, bytes) else channel
+        return name.removeprefix(f"{self.prefix}:group:")
+
+    # --- command side ---------------------------------------------------------------------------
+
+    def _new_client(self, **options) -> aioredis.Redis:
+        return aioredis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=self.command_timeout,
+            retry=Retry(NoBackoff(), 0),
+            **options,
+        )
+
+    def _client(self) -> _LoopClient:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=self.max_connections,
+                timeout=self.command_timeout,
+                socket_timeout=self.command_timeout,
+                socket_connect_timeout=self.command_timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+            redis = aioredis.Redis(connection_pool=pool)
+            client = self._clients[loop] = _LoopClient(
+                redis, redis.register_script(PUBLISH_SCRIPT), redis.register_script(HISTORY_SCRIPT)
+            )
+        return client
+
+    async def _publish(self, messages: list[tuple[str, Message]]) -> list[int]:
+        client = self._client()
+        pipe = client.redis.pipeline(transaction=False)
+        for group, message in messages:
+            client.publish(
+                keys=self._keys(group),
+                args=[
+                    self._channel(group),
+                    self.encode(message),
+                    self.history_size,
+                    int(self.history_ttl * 1000),
+                    int(self.seq_ttl * 1000),
+                ],
+                client=pipe,
+            )
+        async with asyncio.timeout(self.command_timeout * 2):
+            return [int(seq) for seq in await pipe.execute()]
+
+    async def group_history(self, group: str, after: int | None) -> History:
+        client = self._client()
+        async with asyncio.timeout(self.command_timeout * 2):
+            reply = await client.history(
+                keys=self._keys(group), args=[-1 if after is None else after, self.history_size]
+            )
+        current = int(reply[0])
+        if after is None:
+            return History(current, [])
+        if after == current:
+            return History(current, [])
+        if len(reply) < 2:
+            return History(current, None)
+        entries = []
+        for entry_id, fields in reversed(reply[1]):
+            values = dict(zip(fields[::2], fields[1::2], strict=True))
+            created = int(entry_id.split(b"-", 1)[0]) / 1000
+            entries.append((int(values[b"s"]), created, self.decode(values[b"m"])))
+        return History(current, contiguous(after, current, entries, self.history_ttl))
+
+    async def flush(self) -> None:
+        await super().flush()
+        redis = self._client().redis
+        async for key in redis.scan_iter(match=f"{self.prefix}:*"):
+            await redis.delete(key)
+
+    async def close(self) -> None:
+        """Release what this layer holds on the running loop (its client, its reader)."""
+        loop = asyncio.get_running_loop()
+        if self._reader is not None and loop is self.home_loop:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+            self._reader = None
+        client = self._clients.pop(loop, None)
+        if client is not None:
+            await client.redis.aclose(close_connection_pool=True)
+
+    # --- subscription side ----------------------------------------------------------------------
+
+    async def _subscribe(self, group: str) -> None:
+        """Subscribe and wait (bounded) until Redis confirms, so no message slips past a joiner."""
+        channel = self._channel(group)
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirmations.setdefault(channel, []).append(confirmed)
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read_forever(), name="redis-fanout-reader")
+        elif self._pubsub is not None:
+            try:
+                await self._pubsub.subscribe(channel)
+            except _FAILURES:
+                pass  # the reader reconnects and subscribes every group with local members
+        try:
+            async with asyncio.timeout(self.command_timeout):
+                await asyncio.shield(confirmed)
+        except TimeoutError:
+            logger.debug("subscription to %s not confirmed yet; continuing", channel)
+
+    async def _unsubscribe(self, group: str) -> None:
+        if self._pubsub is not None:
+            try:
+                await self._pubsub.unsubscribe(self._channel(group))
+            except _FAILURES:
+                pass
+
+    def _confirm(self, channel: bytes | str) -> None:
+        name = channel.decode() if isinstance(channel, bytes) else channel
+        for future in self._confirmations.pop(name, ()):
+            if not future.done():
+                future.set_result(None)
+
+    async def _read_forever(self) -> None:
+        connected_before = False
+        outage_since: float | None = None
+        backoff = 0.1
+        while True:
+            client = self._new_client()
+            pubsub = client.pubsub()
+            try:
+                channels = [self._control_channel, *(self._channel(g) for g in self.hub.groups)]
+                async with asyncio.timeout(self.command_timeout):
+                    await pubsub.subscribe(*channels)
+                self._pubsub = pubsub
+                if outage_since is not None:
+                    self.reconnects += 1
+                    logger.warning(
+                        "redis subscription restored after %.1fs; resyncing %d groups",
+                        time.monotonic() - outage_since,
+                        len(self.hub.groups),
+                    )
+                if connected_before:
+                    self.hub.lost(self.hub.groups)
+                connected_before = True
+                outage_since = None
+                backoff = 0.1
+                await self._read_messages(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except _FAILURES as exc:
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    logger.warning("redis subscription lost (%s); reconnecting", exc or type(exc).__name__)
+            finally:
+                self._pubsub = None
+                try:
+                    await asyncio.wait_for(pubsub.aclose(), self.command_timeout)
+                    await asyncio.wait_for(client.aclose(), self.command_timeout)
+                except (*_FAILURES, asyncio.CancelledError):
+                    pass
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _read_messages(self, pubsub) -> None:
+        """Dispatch until the connection fails; a missed ping reply counts as a failure."""
+        last_heard = time.monotonic()
+        ping_sent: float | None = None
+        while True:
+            reply = await pubsub.get_message(timeout=min(1.0, self.ping_interval))
+            now = time.monotonic()
+            if reply is None:
+                if ping_sent is not None and now - ping_sent > self.command_timeout:
+                    raise TimeoutError("redis did not answer a ping")
+                if ping_sent is None and now - last_heard > self.ping_interval:
+                    await pubsub.ping()
+                    ping_sent = now
+                continue
+            last_heard, ping_sent = now, None
+            kind = reply["type"]
+            if kind == "message":
+                seq, _, data = reply["data"].partition(b":")
+                self.hub.dispatch(self._group_of(reply["channel"]), int(seq), self.decode(data))
+            elif kind == "subscribe":
+                self._confirm(reply["channel"])
