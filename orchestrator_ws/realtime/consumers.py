@@ -104,6 +104,25 @@ class GroupConsumer(AsyncWebsocketConsumer):
             logger.info("websocket handshake rejected on %s: %s", self.scope["path"], rejected)
             await self.close()
             return
+        refusal = None
+        since = None
+        if not self._authorized(token):
+            logger.info("websocket unauthorized on %s", self.scope["path"])
+            refusal = (UNAUTHORIZED, CLOSE_POLICY_VIOLATION)
+        else:
+            try:
+                since = self._since()
+            except ValueError as exc:
+                refusal = (error_frame(400, str(exc), title="Bad Request"), CLOSE_BAD_REQUEST)
+        if refusal is None:
+            # Join before completing the handshake: once a client is connected, nothing
+            # published after that moment can pass it by. Deliveries wait in the buffer
+            # until the sync below decides where the client's stream starts.
+            self._buffer = []
+            self.group = self.group_name()
+            await self.channel_layer.group_add(self.group, self.channel_name)
+            if self._sequenced:
+                self.channel_layer.attach(self.channel_name, self)
         await self.accept(subprotocol)
         self.transport = transport_for(
             self.base_send,
@@ -111,20 +130,10 @@ class GroupConsumer(AsyncWebsocketConsumer):
             max_queued_messages=settings.WS_MAX_QUEUED_MESSAGES,
         )
         open_consumers.add(self)
-        if not self._authorized(token):
-            logger.info("websocket unauthorized on %s", self.scope["path"])
-            self._refuse(UNAUTHORIZED, CLOSE_POLICY_VIOLATION)
+        if refusal is not None:
+            self._refuse(*refusal)
             return
-        try:
-            since = self._since()
-        except ValueError as exc:
-            self._refuse(error_frame(400, str(exc), title="Bad Request"), CLOSE_BAD_REQUEST)
-            return
-        self.group = self.group_name()
-        await self.channel_layer.group_add(self.group, self.channel_name)
-        if self._sequenced:
-            self.channel_layer.attach(self.channel_name, self)
-        self._start_sync(since)
+        self._start_sync(since, pending=self._take_buffer())
 
     async def websocket_receive(self, message: Message) -> None:
         # Clients only ever send heartbeats; anything else is ignored, never broadcast.
@@ -255,6 +264,10 @@ class GroupConsumer(AsyncWebsocketConsumer):
 
     # --- sync -----------------------------------------------------------------------------------
 
+    def _take_buffer(self) -> list[Message]:
+        buffered, self._buffer = self._buffer or [], None
+        return buffered
+
     def _start_sync(self, since: int | None, *, resync: bool = False, pending: list[Message] = ()) -> None:
         if self._buffer is not None:
             # A sync is under way; it may have read the history before this reason to sync
@@ -264,7 +277,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
             self._sync_again_resync = self._sync_again_resync or resync
             return
         self._buffer = list(pending)
-        self._buffer_overflowed = self._sync_again = self._sync_again_resync = False
+        self._sync_again = self._sync_again_resync = False
         self._sync_task = asyncio.ensure_future(self._run_sync(since, resync))
 
     async def _run_sync(self, since: int | None, resync: bool) -> None:
@@ -281,8 +294,9 @@ class GroupConsumer(AsyncWebsocketConsumer):
                 logger.warning("sync of %s failed; retrying in %.1fs", self.group, delay, exc_info=True)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        buffered, self._buffer = self._buffer or [], None
+        buffered = self._take_buffer()
         if self._sync_again or self._buffer_overflowed:
+            self._buffer_overflowed = False
             self._start_sync(self.last_seq, resync=self._sync_again_resync, pending=buffered)
             return
         for message in buffered:

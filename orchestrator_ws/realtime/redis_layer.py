@@ -139,7 +139,7 @@ class RedisFanoutLayer(FanoutChannelLayer):
         client = self._client()
         pipe = client.redis.pipeline(transaction=False)
         for group, message in messages:
-            client.publish(
+            await client.publish(  # queues the script call on the pipeline
                 keys=self._keys(group),
                 args=[
                     self._channel(group),
