@@ -53,7 +53,9 @@ def _before_daphne_shutdown():
 
     closing = close_all(CLOSE_GOING_AWAY)
     logger.info("shutting down: closing %d websockets with 1001", len(closing))
-    return defer.Deferred.fromFuture(asyncio.ensure_future(stop(closing)))
+    stopped = defer.Deferred.fromFuture(asyncio.ensure_future(stop(closing)))
+    stopped.addErrback(lambda failure: logger.error("shutdown failed: %s", failure.getTraceback()))
+    return stopped
 
 
 async def stop(closing=()) -> None:

@@ -18,7 +18,7 @@ class ProcessListConsumer(GroupConsumer):
 
 
 class ProcessDetailConsumer(GroupConsumer):
-    """``/api/processes/{id}``: the process's detail now, then at every step."""
+    """``/api/processes/{id}``: the process's detail now, then at every step, while it is active."""
 
     def group_name(self) -> str:
         return messages.process_detail_group(self.scope["url_route"]["kwargs"]["process_id"])
@@ -30,7 +30,7 @@ class ProcessDetailConsumer(GroupConsumer):
             raise ConnectRefused(
                 error_frame(404, f"process {process_id} not found", title="Not Found"), CLOSE_NOT_FOUND
             )
-        return {"process": detail}
+        return messages.process_detail_frame(detail)
 
 
 class EngineStatusConsumer(GroupConsumer):

@@ -291,3 +291,14 @@ async def test_malformed_since_gets_400_and_4400(broadcast_thread, since):
     frame = await client.frame()
     assert frame["error"]["status_code"] == 400 and "since" in frame["error"]["detail"]
     assert await client.closed_with() == 4400
+
+
+async def test_detail_of_a_finished_process_is_one_closing_snapshot(broadcast_thread):
+    process_id = await start(broadcast_thread, "quick_steps")
+    await sync_to_async(wait_until)(
+        lambda: Process.objects.get(pk=process_id).last_status == "completed", what="completion"
+    )
+    client = await connected(f"/api/processes/{process_id}")
+    snapshot = await client.frame()
+    assert snapshot["process"]["status"] == "completed" and snapshot["close"] is True
+    assert await client.closed_with() == 1000

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 
-from channels.auth import AuthMiddlewareStack
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
+from orchestrator_ws.realtime.auth import SessionUserMiddlewareStack
 from orchestrator_ws.routing import websocket_urlpatterns
 
 
 def application():
-    return AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+    return SessionUserMiddlewareStack(URLRouter(websocket_urlpatterns))
 
 
 class WsClient:

@@ -92,7 +92,10 @@ class GroupConsumer(AsyncWebsocketConsumer):
         raise NotImplementedError
 
     async def snapshot(self) -> Frame | None:
-        """The frame a new (or resyncing) client gets first; None when it gets nothing."""
+        """The frame a new (or resyncing) client gets first; None when it gets nothing.
+
+        A snapshot with ``"close": true`` is the whole stream: the connection closes after it.
+        """
         return None
 
     # --- connection life ------------------------------------------------------------------------
@@ -323,9 +326,11 @@ class GroupConsumer(AsyncWebsocketConsumer):
             frame = {**frame, "seq": seq} if seq is not None else dict(frame)
             if resync:
                 frame["resync"] = True
+        self.last_seq = seq
         if frame is not None:
             self.transport.send_text(encode(frame))
-        self.last_seq = seq
+            if frame.get("close"):
+                self.finish(CLOSE_NORMAL)
 
 
 class RejectHandshake(AsyncConsumer):

@@ -83,7 +83,9 @@ class DaphneTransport:
 
     def close(self, code: int) -> None:
         if self._open():
-            self.protocol.sendClose(code=code)
+            # sendClose (and so daphne's "websocket.close") only takes 1000 and 3000-4999;
+            # the close frame itself may carry any code, 1001/1008/1013 included.
+            self.protocol.sendCloseFrame(code=code, isReply=False)
 
 
 class QueuedTransport:
@@ -145,5 +147,13 @@ class QueuedTransport:
             self._writer.cancel()
 
 
+_announced = False
+
+
 def transport_for(send: AsgiSend, *, max_buffer_bytes: int, max_queued_messages: int) -> Transport:
-    return DaphneTransport.wrap(send, max_buffer_bytes) or QueuedTransport(send, max_queued_messages)
+    global _announced
+    transport = DaphneTransport.wrap(send, max_buffer_bytes) or QueuedTransport(send, max_queued_messages)
+    if not _announced:
+        _announced = True
+        logger.info("websocket frames are written by %s", type(transport).__name__)
+    return transport

@@ -1,0 +1,231 @@
+"""Two real daphne processes sharing one Redis and one database, real websocket clients.
+
+A process started through server A must reach the clients of server B, in order, complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import pytest
+import websockets
+
+from tests.servers import DaphneServer, TemporaryDatabase
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+def database():
+    db = TemporaryDatabase().create()
+    yield db
+    db.drop()
+
+
+@pytest.fixture
+def servers(database, redis_url):
+    env = {"PROCESS_LIST_COALESCE_MS": "0", "MAX_WORKERS": "5"}
+    started = []
+    try:
+        for _ in range(2):
+            started.append(DaphneServer(database.url, redis_url, **env).start())
+        yield started
+    finally:
+        for server in started:
+            assert server.stop() == 0, server.log
+        for server in started:
+            log = server.log
+            assert "Traceback" not in log, log[-3000:]
+            assert "RuntimeError" not in log and "Task exception" not in log, log[-3000:]
+
+
+class Collector:
+    """A websocket client that records every frame until the server closes it."""
+
+    def __init__(self, url: str, **connect_kwargs):
+        self.url = url
+        self.connect_kwargs = connect_kwargs
+        self.frames: list = []
+        self.close_code: int | None = None
+        self._task: asyncio.Task | None = None
+        self.ws = None
+
+    async def start(self) -> Collector:
+        self.ws = await websockets.connect(self.url, **self.connect_kwargs)
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        try:
+            async for text in self.ws:
+                self.frames.append(json.loads(text) if text.startswith("{") else text)
+        finally:
+            self.close_code = self.ws.close_code
+
+    async def wait_for(self, predicate, timeout: float = 20, what: str = "") -> list:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.frames):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.url}: timed out waiting for {what}; got {self.frames[-5:]}")
+            await asyncio.sleep(0.02)
+        return self.frames
+
+    async def wait_closed(self, timeout: float = 10) -> int:
+        await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        return self.close_code
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self._task
+
+
+def http(server: DaphneServer, method: str, path: str, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    status, payload = server.request(method, path, data)
+    return status, json.loads(payload) if payload else None
+
+
+async def start_process(server, workflow, inputs) -> str:
+    status, body = await asyncio.to_thread(http, server, "POST", f"/api/processes/{workflow}", inputs)
+    assert status == 201, body
+    return body["id"]
+
+
+def assert_contiguous(frames):
+    seqs = [f["seq"] for f in frames]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+
+
+def merged_steps(frames):
+    """Step names of a detail stream, merged by step_id (the snapshot may hold the next step)."""
+    steps = {}
+    for frame in frames:
+        for step in [*frame["process"]["steps"], *([frame["step"]] if "step" in frame else [])]:
+            if step["status"] != "pending":
+                steps.setdefault(step["step_id"], step["name"])
+    return list(steps.values())
+
+
+LONG_STEPS = ["Start", *(f"Slow step {i}" for i in range(1, 6)), "Done"]
+
+
+async def test_process_started_on_one_server_reaches_clients_of_both(servers):
+    a, b = servers
+    lists = [await Collector(f"{s.ws}/api/processes/all/").start() for s in servers]
+    events = [await Collector(f"{s.ws}/api/ws/events").start() for s in servers]
+    engines = [await Collector(f"{s.ws}/api/settings/ws-status/").start() for s in servers]
+    for engine in engines:
+        await engine.wait_for(lambda f: len(f) >= 1, what="engine snapshot")
+
+    process_id = await start_process(a, "long_running", [{"step_delay": 0.25}])
+    details = [await Collector(f"{s.ws}/api/processes/{process_id}").start() for s in servers]
+
+    for detail in details:
+        await detail.wait_for(lambda f: f and f[-1].get("close"), what="the closing detail frame")
+        assert await detail.wait_closed() == 1000
+        assert merged_steps(detail.frames) == LONG_STEPS
+        assert_contiguous(detail.frames)
+        assert detail.frames[-1]["step"]["name"] == "Done"
+        assert detail.frames[-1]["process"]["status"] == "completed"
+
+    # created (Start), running, five slow steps, Done: eight list updates on both servers.
+    for listing in lists:
+        frames = await listing.wait_for(lambda f: len(f) >= 8, what="eight list updates")
+        assert {f["process"]["id"] for f in frames} == {process_id}
+        assert_contiguous(frames)
+        assert frames[-1]["process"]["status"] == "completed"
+    assert lists[0].frames == lists[1].frames  # the same text reached both servers' clients
+
+    pair = [{"type": "processes", "id": "LIST"}, {"type": "processes", "id": process_id}]
+    for event_client in events:
+        frames = await event_client.wait_for(lambda f: len(f) >= 2 * len(LONG_STEPS), what="event pairs")
+        assert all(f["name"] == "invalidateCache" for f in frames)
+        assert [f["value"] for f in frames] == pair * len(LONG_STEPS)
+        assert_contiguous(frames)
+
+    # Lock while a process runs: both servers' engine clients see PAUSING, then PAUSED.
+    paused_id = await start_process(b, "long_running", [{"step_delay": 0.5}])
+    for engine in engines:
+        await engine.wait_for(
+            lambda f: f[-1]["engine-status"]["running_processes"] == 1, what="the run to start"
+        )
+    status, body = await asyncio.to_thread(http, a, "PUT", "/api/settings/status", {"global_lock": True})
+    assert status == 200 and body["global_status"] == "PAUSING"
+    for engine in engines:
+        frames = await engine.wait_for(
+            lambda f: f[-1]["engine-status"]["global_status"] == "PAUSED", what="PAUSED"
+        )
+        statuses = [f["engine-status"]["global_status"] for f in frames]
+        assert statuses.index("PAUSING") < statuses.index("PAUSED")
+        assert_contiguous(frames[1:])
+    status, body = await asyncio.to_thread(http, b, "GET", f"/api/processes/{paused_id}")
+    assert body["status"] == "running"
+    await asyncio.to_thread(http, b, "PUT", "/api/settings/status", {"global_lock": False})
+    for engine in engines:
+        await engine.wait_for(lambda f: f[-1]["engine-status"]["global_status"] == "RUNNING", what="RUNNING")
+
+    for client in [*lists, *events, *engines]:
+        await client.close()
+
+
+async def test_twenty_processes_on_five_workers_reach_every_client(servers):
+    a, b = servers
+    lists = [await Collector(f"{s.ws}/api/processes/all/").start() for s in servers for _ in range(2)]
+    ids = await asyncio.gather(
+        *(start_process(a if i % 2 else b, "long_running", [{"step_delay": 0.05}]) for i in range(20))
+    )
+    details = [
+        await Collector(f"{servers[i % 2].ws}/api/processes/{process_id}").start()
+        for i, process_id in enumerate(ids)
+    ]
+    for detail in details:
+        await detail.wait_for(lambda f: f and f[-1].get("close"), timeout=60, what="the closing frame")
+        assert await detail.wait_closed() == 1000
+        assert merged_steps(detail.frames) == LONG_STEPS
+        assert_contiguous(detail.frames)
+    for listing in lists:
+        frames = await listing.wait_for(lambda f: len(f) >= 20 * 8, timeout=60, what="every list update")
+        assert len(frames) == 20 * 8
+        assert_contiguous(frames)
+        for process_id in ids:
+            mine = [f["process"] for f in frames if f["process"]["id"] == process_id]
+            assert len(mine) == 8 and mine[-1]["status"] == "completed"
+    assert all(listing.frames == lists[0].frames for listing in lists)
+    for listing in lists:
+        await listing.close()
+
+
+async def test_sigterm_closes_every_client_with_1001_and_exits(database, redis_url):
+    server = DaphneServer(database.url, redis_url).start()
+    process_id = await start_process(server, "long_running", [{"step_delay": 0.3}])
+    paths = ["/api/processes/all/", "/api/ws/events", "/api/settings/ws-status/", f"/api/processes/{process_id}"]
+    clients = [await Collector(f"{server.ws}{paths[i % len(paths)]}").start() for i in range(200)]
+    await clients[-1].wait_for(lambda f: len(f) >= 1, what="a detail snapshot")
+
+    began = time.monotonic()
+    exit_code = await asyncio.to_thread(server.stop)
+    took = time.monotonic() - began
+    codes = [await client.wait_closed() for client in clients]
+    assert exit_code == 0, server.log
+    assert took < 10, f"daphne took {took:.1f}s to exit"
+    assert codes == [1001] * 200, {code: codes.count(code) for code in set(codes)}
+    assert "closing 200 websockets with 1001" in server.log
+    assert "Traceback" not in server.log, server.log[-3000:]
+
+    # The worker stopped at a step boundary, leaving the process resumable: the next server to
+    # start picks it up and finishes it, with every step logged once.
+    restarted = DaphneServer(database.url, redis_url).start()
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            status, body = await asyncio.to_thread(http, restarted, "GET", f"/api/processes/{process_id}")
+            if body["status"] == "completed" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert body["status"] == "completed"
+        assert [s["name"] for s in body["steps"]] == LONG_STEPS
+    finally:
+        assert restarted.stop() == 0
