@@ -3,7 +3,6 @@ Every error body has a ``detail`` message; validation errors add ``errors`` with
 problem. Validation failures answer 400 (orchestrator-core's convention) rather than ninja's 422.
 """
 
-
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import ValidationError
@@ -42,9 +41,7 @@ for error_class in _STATUS_OF_ERROR:
 
 @api.exception_handler(FormInputError)
 def _invalid_form(request: HttpRequest, exc: FormInputError) -> HttpResponse:
-    return api.create_response(
-        request, {"detail": "invalid input", "errors": exc.errors}, status=400
-    )
+    return api.create_response(request, {"detail": "invalid input", "errors": exc.errors}, status=400)
 
 
 @api.exception_handler(ValidationError)

@@ -15,14 +15,19 @@ APPLICATION = "orchestrator_ws.asgi:application"
 
 DAPHNE_DEFAULTS = [
     # Websocket sessions last as long as the client wants; clients reconnect on their own.
-    "--websocket_timeout", "-1",
+    "--websocket_timeout",
+    "-1",
     # Drop a client whose handshake stalls, instead of holding its socket for daphne's 20 s.
-    "--websocket_connect_timeout", "10",
+    "--websocket_connect_timeout",
+    "10",
     # Protocol-level keepalive pings; a dead peer is dropped after ping-timeout seconds.
-    "--ping-interval", "20",
-    "--ping-timeout", "30",
+    "--ping-interval",
+    "20",
+    "--ping-timeout",
+    "30",
     # On shutdown, give consumers this long to close their sockets with 1001.
-    "--application-close-timeout", "5",
+    "--application-close-timeout",
+    "5",
 ]
 
 

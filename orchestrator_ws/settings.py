@@ -87,7 +87,10 @@ def _channel_layer() -> dict:
     if ENV.CHANNEL_LAYER == "redis":
         return {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [ENV.REDIS_URL]}}
     if ENV.CHANNEL_LAYER == "redis-pubsub":
-        return {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer", "CONFIG": {"hosts": [ENV.REDIS_URL]}}
+        return {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [ENV.REDIS_URL]},
+        }
     if ENV.REDIS_URL:
         return {
             "BACKEND": "orchestrator_ws.realtime.redis_layer.RedisFanoutLayer",

@@ -119,7 +119,9 @@ _PROCESS_ROW_FIELDS = (
 )
 
 
-def _commit_step(process: Process, claim: str, step_name: str, status: StepStatus, **kwargs: Any) -> ProcessStep:
+def _commit_step(
+    process: Process, claim: str, step_name: str, status: StepStatus, **kwargs: Any
+) -> ProcessStep:
     """Record a step of a run; raises _RunPreempted when the run no longer owns the process."""
     with transaction.atomic():
         logged = record_step(process, step_name, status, **kwargs)
@@ -225,24 +227,42 @@ class _Run:
         advance = {"next_step_index": process.next_step_index + 1}
         if step.is_done:
             return _commit_step(
-                process, self.claim, step.name, StepStatus.COMPLETE,
-                state_delta={}, created_by=SYSTEM_USER,
-                last_status=ProcessStatus.COMPLETED, **advance,
+                process,
+                self.claim,
+                step.name,
+                StepStatus.COMPLETE,
+                state_delta={},
+                created_by=SYSTEM_USER,
+                last_status=ProcessStatus.COMPLETED,
+                **advance,
             )
         if step.is_input:
             if user_input is None:
                 return _commit_step(
-                    process, self.claim, step.name, StepStatus.SUSPEND,
-                    state_delta={}, created_by=SYSTEM_USER,
-                    last_status=ProcessStatus.SUSPENDED, assignee=step.assignee,
+                    process,
+                    self.claim,
+                    step.name,
+                    StepStatus.SUSPEND,
+                    state_delta={},
+                    created_by=SYSTEM_USER,
+                    last_status=ProcessStatus.SUSPENDED,
+                    assignee=step.assignee,
                 )
             return _commit_step(
-                process, self.claim, step.name, StepStatus.SUCCESS,
-                state_delta=user_input, created_by=process.created_by, **advance,
+                process,
+                self.claim,
+                step.name,
+                StepStatus.SUCCESS,
+                state_delta=user_input,
+                created_by=process.created_by,
+                **advance,
             )
-        attempt = 1 + ProcessStep.objects.filter(
-            process=process, name=step.name, status__in=[StepStatus.FAILED, StepStatus.WAITING]
-        ).count()
+        attempt = (
+            1
+            + ProcessStep.objects.filter(
+                process=process, name=step.name, status__in=[StepStatus.FAILED, StepStatus.WAITING]
+            ).count()
+        )
         try:
             delta = step.run(process.state, attempt)
         except StepWaiting as exc:
@@ -254,9 +274,15 @@ class _Run:
         except Exception as exc:
             return self._commit_failure(process, step, exc, ProcessStatus.FAILED)
         return _commit_step(
-            process, self.claim, step.name, StepStatus.SUCCESS,
-            state_delta=delta, created_by=SYSTEM_USER,
-            failed_reason="", traceback="", **advance,
+            process,
+            self.claim,
+            step.name,
+            StepStatus.SUCCESS,
+            state_delta=delta,
+            created_by=SYSTEM_USER,
+            failed_reason="",
+            traceback="",
+            **advance,
         )
 
     def _commit_failure(
@@ -268,8 +294,12 @@ class _Run:
         step_status: StepStatus = StepStatus.FAILED,
     ) -> ProcessStep:
         return _commit_step(
-            process, self.claim, step.name, step_status,
-            state_delta={}, created_by=SYSTEM_USER,
+            process,
+            self.claim,
+            step.name,
+            step_status,
+            state_delta={},
+            created_by=SYSTEM_USER,
             last_status=process_status,
             failed_reason=f"{type(exc).__name__}: {exc}",
             traceback="".join(tb.format_exception(exc)),
@@ -303,4 +333,3 @@ def shutdown_worker_pool() -> None:
         pool, _pool = _pool, None
     if pool is not None:
         pool.shutdown()
-

@@ -170,7 +170,9 @@ class ProcessDataBroadcastThread(threading.Thread):
         """Wait for updates (or a coalescing window to end); take what is queued, up to a batch."""
         timeout = None
         if self._list_changed:
-            timeout = max(0.0, min(self._list_window_ends[pid] for pid in self._list_changed) - time.monotonic())
+            timeout = max(
+                0.0, min(self._list_window_ends[pid] for pid in self._list_changed) - time.monotonic()
+            )
         updates = []
         try:
             updates.append(self.queue.get(timeout=timeout))
@@ -202,7 +204,9 @@ class ProcessDataBroadcastThread(threading.Thread):
         detail_group = messages.process_detail_group(pid)
         events = [
             (messages.EVENTS_GROUP, messages.group_message(frame))
-            for frame in messages.process_event_frames(pid, status_counts_changed=update.status_counts_changed)
+            for frame in messages.process_event_frames(
+                pid, status_counts_changed=update.status_counts_changed
+            )
         ]
         if update.deleted:
             self._list_window_ends.pop(pid, None)
@@ -235,7 +239,9 @@ class ProcessDataBroadcastThread(threading.Thread):
             self._list_window_ends[pid] = now + self.list_coalesce_seconds
             self._list_changed.discard(pid)
             summary = messages.process_summary(process)
-            return [(messages.PROCESS_LIST_GROUP, messages.group_message(messages.process_list_frame(summary)))]
+            return [
+                (messages.PROCESS_LIST_GROUP, messages.group_message(messages.process_list_frame(summary)))
+            ]
         self._list_changed.add(pid)
         return []
 
@@ -249,7 +255,10 @@ class ProcessDataBroadcastThread(threading.Thread):
             if process is not None:
                 summary = messages.process_summary(process)
                 out.append(
-                    (messages.PROCESS_LIST_GROUP, messages.group_message(messages.process_list_frame(summary)))
+                    (
+                        messages.PROCESS_LIST_GROUP,
+                        messages.group_message(messages.process_list_frame(summary)),
+                    )
                 )
         for pid in [pid for pid, ends in self._list_window_ends.items() if ends <= now]:
             if pid not in self._list_changed:

@@ -86,11 +86,7 @@ class Step:
         else:
             available = {**state, "attempt": attempt}
             takes_everything = any(p.kind is p.VAR_KEYWORD for p in params.values())
-            kwargs = {
-                name: value
-                for name, value in available.items()
-                if takes_everything or name in params
-            }
+            kwargs = {name: value for name, value in available.items() if takes_everything or name in params}
             result = self.func(**kwargs)
         if result is None:
             return {}

@@ -18,7 +18,8 @@ from processes.models import Process
 from tests.helpers import wait_until
 from tests.wsclient import WsClient
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+pytestmark = pytest.mark.django_db(transaction=True)
+
 
 async def start(thread, workflow, inputs=None):
     return str(
@@ -94,7 +95,9 @@ async def test_detail_of_unknown_process_gets_404_and_4404(broadcast_thread):
     assert await client.closed_with() == 4404
 
 
-@pytest.mark.parametrize("path", ["/api/processes/not-a-uuid", "/api/nothing/here", "/api/processes/all/extra"])
+@pytest.mark.parametrize(
+    "path", ["/api/processes/not-a-uuid", "/api/nothing/here", "/api/processes/all/extra"]
+)
 async def test_unknown_paths_and_non_uuid_ids_are_rejected_at_handshake(broadcast_thread, path):
     client = WsClient(path)
     ok, _ = await client.connect()
@@ -104,16 +107,25 @@ async def test_unknown_paths_and_non_uuid_ids_are_rejected_at_handshake(broadcas
 async def test_engine_status_snapshot_and_changes(broadcast_thread):
     client = await connected("/api/settings/ws-status/")
     snapshot = await client.frame()
-    assert snapshot["engine-status"] == {"global_lock": False, "running_processes": 0, "global_status": "RUNNING"}
+    assert snapshot["engine-status"] == {
+        "global_lock": False,
+        "running_processes": 0,
+        "global_status": "RUNNING",
+    }
 
-    await start(broadcast_thread, "long_running", [{"step_delay": 0.2}])
+    # Steps of a second: the lock lands well before the run's next step boundary.
+    await start(broadcast_thread, "long_running", [{"step_delay": 1.0}])
     running = await client.frames_until(lambda f: f["engine-status"]["running_processes"] == 1)
     assert running[-1]["engine-status"]["global_status"] == "RUNNING"
     await sync_to_async(engine_lock.set_global_lock)(True)
     frames = await client.frames_until(lambda f: f["engine-status"]["global_status"] == "PAUSED")
     statuses = [f["engine-status"]["global_status"] for f in frames]
     assert statuses[0] == "PAUSING" and statuses[-1] == "PAUSED"
-    assert frames[-1]["engine-status"] == {"global_lock": True, "running_processes": 0, "global_status": "PAUSED"}
+    assert frames[-1]["engine-status"] == {
+        "global_lock": True,
+        "running_processes": 0,
+        "global_status": "PAUSED",
+    }
     await sync_to_async(engine_lock.set_global_lock)(False)
     unlocked = await client.frames_until(lambda f: not f["engine-status"]["global_lock"])
     assert unlocked[-1]["engine-status"]["global_status"] == "RUNNING"
@@ -146,7 +158,9 @@ async def test_events_follow_the_v2_ui_contract(broadcast_thread):
         uuid.UUID(suspended), aborted_by="t", broadcast=broadcast_thread.broadcast_process
     )
     await client.frames_until(lambda f: f["value"] == {"type": "processStatusCounts"})
-    await sync_to_async(services.delete_process)(uuid.UUID(suspended), broadcast=broadcast_thread.broadcast_process)
+    await sync_to_async(services.delete_process)(
+        uuid.UUID(suspended), broadcast=broadcast_thread.broadcast_process
+    )
     frames = await client.frames_until(lambda f: f["value"] == {"type": "processStatusCounts"})
     assert values(frames)[-3:] == [
         {"type": "processes", "id": "LIST"},
@@ -169,8 +183,16 @@ async def test_delete_announces_a_deleted_process_to_list_and_detail(broadcast_t
     snapshot = await detail.frame()
     while snapshot["process"]["status"] != "suspended":
         snapshot = await detail.frame()
-    await sync_to_async(services.delete_process)(uuid.UUID(process_id), broadcast=broadcast_thread.broadcast_process)
-    expected = {"id": process_id, "process_id": process_id, "status": "aborted", "last_status": "aborted", "deleted": True}
+    await sync_to_async(services.delete_process)(
+        uuid.UUID(process_id), broadcast=broadcast_thread.broadcast_process
+    )
+    expected = {
+        "id": process_id,
+        "process_id": process_id,
+        "status": "aborted",
+        "last_status": "aborted",
+        "deleted": True,
+    }
     listed = await listing.frames_until(lambda f: f["process"].get("deleted"))
     assert listed[-1]["process"] == expected
     gone = await detail.frames_until(lambda f: f["process"].get("deleted"))

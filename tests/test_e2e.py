@@ -8,14 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.request
 
 import pytest
 import websockets
 
 from tests.servers import DaphneServer, TemporaryDatabase
-
-pytestmark = pytest.mark.asyncio
 
 
 @pytest.fixture
@@ -201,7 +198,12 @@ async def test_twenty_processes_on_five_workers_reach_every_client(servers):
 async def test_sigterm_closes_every_client_with_1001_and_exits(database, redis_url):
     server = DaphneServer(database.url, redis_url).start()
     process_id = await start_process(server, "long_running", [{"step_delay": 0.3}])
-    paths = ["/api/processes/all/", "/api/ws/events", "/api/settings/ws-status/", f"/api/processes/{process_id}"]
+    paths = [
+        "/api/processes/all/",
+        "/api/ws/events",
+        "/api/settings/ws-status/",
+        f"/api/processes/{process_id}",
+    ]
     clients = [await Collector(f"{server.ws}{paths[i % len(paths)]}").start() for i in range(200)]
     await clients[-1].wait_for(lambda f: len(f) >= 1, what="a detail snapshot")
 

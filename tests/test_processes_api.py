@@ -83,7 +83,10 @@ def test_new_process_reports_pending_steps(api_client):
     assert names[0] == "Start"
     pending = [s["name"] for s in process["steps"] if s["status"] == "pending"]
     assert pending[-1] == "Done" and len(pending) >= 5
-    assert names == ["Start"] + [f"Slow step {i}" for i in range(1, 6)][: len(names) - 1 - len(pending)] + pending
+    assert (
+        names
+        == ["Start"] + [f"Slow step {i}" for i in range(1, 6)][: len(names) - 1 - len(pending)] + pending
+    )
 
 
 def test_suspend_then_resume_with_input_completes(api_client):
@@ -248,7 +251,9 @@ def test_start_of_unknown_workflow_is_404(api_client):
     assert "no_such_workflow" in response.json()["detail"]
 
 
-@pytest.mark.parametrize("method, suffix", [("get", ""), ("delete", ""), ("put", "/resume"), ("put", "/abort")])
+@pytest.mark.parametrize(
+    "method, suffix", [("get", ""), ("delete", ""), ("put", "/resume"), ("put", "/abort")]
+)
 def test_non_uuid_and_unknown_ids(api_client, method, suffix):
     not_uuid = getattr(api_client, method)(f"/api/processes/not-a-uuid{suffix}")
     assert not_uuid.status_code == 400

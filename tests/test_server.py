@@ -72,5 +72,9 @@ def test_daphne_serves_the_api_end_to_end(database):
 
 @pytest.mark.django_db
 def test_models_are_registered_in_the_admin(admin_client):
-    for path in ("/admin/processes/process/", "/admin/processes/processstep/", "/admin/engine_status/enginesettings/"):
+    for path in (
+        "/admin/processes/process/",
+        "/admin/processes/processstep/",
+        "/admin/engine_status/enginesettings/",
+    ):
         assert admin_client.get(path, HTTP_HOST="localhost").status_code == 200

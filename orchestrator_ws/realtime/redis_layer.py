@@ -18,6 +18,7 @@ for longer than that.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
@@ -184,10 +185,8 @@ class RedisFanoutLayer(FanoutChannelLayer):
         loop = asyncio.get_running_loop()
         if self._reader is not None and loop is self.home_loop:
             self._reader.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-            except asyncio.CancelledError:
-                pass
             self._reader = None
         client = self._clients.pop(loop, None)
         if client is not None:
@@ -203,10 +202,9 @@ class RedisFanoutLayer(FanoutChannelLayer):
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read_forever(), name="redis-fanout-reader")
         elif self._pubsub is not None:
-            try:
+            # On failure the reader reconnects and subscribes every group with local members.
+            with contextlib.suppress(*_FAILURES):
                 await self._pubsub.subscribe(channel)
-            except _FAILURES:
-                pass  # the reader reconnects and subscribes every group with local members
         try:
             async with asyncio.timeout(self.command_timeout):
                 await asyncio.shield(confirmed)
@@ -215,10 +213,8 @@ class RedisFanoutLayer(FanoutChannelLayer):
 
     async def _unsubscribe(self, group: str) -> None:
         if self._pubsub is not None:
-            try:
+            with contextlib.suppress(_FAILURES):
                 await self._pubsub.unsubscribe(self._channel(group))
-            except _FAILURES:
-                pass
 
     def _confirm(self, channel: bytes | str) -> None:
         name = channel.decode() if isinstance(channel, bytes) else channel

@@ -1,0 +1,246 @@
+"""The fan-out channel layers: sequence numbers, history, local fan-out, threads, Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+
+from orchestrator_ws.realtime.layers import InMemoryFanoutLayer, contiguous, stamp
+from orchestrator_ws.realtime.redis_layer import RedisFanoutLayer
+from tests.servers import RedisServer
+
+
+class Member:
+    """A GroupMember that records what the hub hands it."""
+
+    def __init__(self):
+        self.messages: list[dict] = []
+        self.lost: list[str] = []
+
+    def deliver(self, group, message):
+        self.messages.append(message)
+
+    def messages_may_be_lost(self, group):
+        self.lost.append(group)
+
+
+async def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_stamp_puts_seq_first_in_a_json_text_and_in_the_message():
+    message = {"type": "group.frame", "text": '{"a":1}'}
+    assert stamp(message, 7) == {"type": "group.frame", "text": '{"seq":7,"a":1}', "seq": 7}
+    assert stamp({"type": "group.frame", "text": "{}"}, 2)["text"] == '{"seq":2}'
+    assert stamp({"type": "x.y", "n": 1}, 3) == {"type": "x.y", "n": 1, "seq": 3}
+    assert message == {"type": "group.frame", "text": '{"a":1}'}  # not mutated
+
+
+def test_contiguous_refuses_gaps_expiry_and_a_reset_counter():
+    now = time.time()
+    entries = [(seq, now, {"type": "t", "n": seq}) for seq in range(3, 8)]
+    assert [m["seq"] for m in contiguous(4, 7, entries, ttl=60)] == [5, 6, 7]
+    assert contiguous(1, 7, entries, ttl=60) is None  # seq 2 is gone
+    assert contiguous(4, 7, [e for e in entries if e[0] != 6], ttl=60) is None
+    assert contiguous(4, 7, [(s, now - 120, m) for s, now_, m in entries], ttl=60) is None
+    assert contiguous(9, 7, entries, ttl=60) is None  # the client saw more than exists: reset
+    assert contiguous(7, 7, entries, ttl=60) == []
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def layer(request):
+    if request.param == "memory":
+        yield InMemoryFanoutLayer(history_size=50, history_ttl=60)
+        return
+    layer = RedisFanoutLayer(
+        url=request.getfixturevalue("redis_url"),
+        prefix=f"layer-test-{uuid.uuid4().hex[:8]}",
+        history_size=50,
+        history_ttl=60,
+    )
+    yield layer
+    await layer.close()
+
+
+async def joined(layer, group, member=None):
+    channel = await layer.new_channel()
+    await layer.group_add(group, channel)
+    if member is not None:
+        layer.attach(channel, member)
+    return channel
+
+
+async def test_group_send_numbers_messages_and_fans_out_to_every_local_member(layer):
+    members = [Member() for _ in range(3)]
+    for member in members:
+        await joined(layer, "g", member)
+    for n in range(5):
+        await layer.group_send("g", {"type": "group.frame", "text": f'{{"n":{n}}}'})
+    await wait_for(lambda: all(len(m.messages) == 5 for m in members))
+    for member in members:
+        assert [m["seq"] for m in member.messages] == [1, 2, 3, 4, 5]
+        assert [m["text"] for m in member.messages] == [f'{{"seq":{n + 1},"n":{n}}}' for n in range(5)]
+    # Encoded once, stamped once per server process: every member got the very same object.
+    assert members[0].messages[0] is members[1].messages[0] is members[2].messages[0]
+    assert await layer.group_seq("g") == 5
+    assert await layer.group_seq("other") == 0
+
+
+async def test_members_without_a_sink_receive_through_their_channel(layer):
+    channel = await joined(layer, "g")
+    await layer.group_send("g", {"type": "chat.message", "body": "hi"})
+    received = await asyncio.wait_for(layer.receive(channel), 5)
+    assert received == {"type": "chat.message", "body": "hi", "seq": 1}
+
+
+async def test_discarded_members_get_nothing_more(layer):
+    member = Member()
+    channel = await joined(layer, "g", member)
+    await layer.group_send("g", {"type": "group.frame", "text": "{}"})
+    await wait_for(lambda: len(member.messages) == 1)
+    await layer.group_discard("g", channel)
+    await layer.group_send("g", {"type": "group.frame", "text": "{}"})
+    await asyncio.sleep(0.2)
+    assert len(member.messages) == 1
+
+
+async def test_history_replays_after_a_seq_and_knows_when_it_cannot(layer):
+    for n in range(60):
+        await layer.group_send("h", {"type": "group.frame", "text": f'{{"n":{n}}}'})
+    history = await layer.group_history("h", 55)
+    assert history.seq == 60 and history.complete
+    assert [m["seq"] for m in history.messages] == [56, 57, 58, 59, 60]
+    assert history.messages[0]["text"] == '{"seq":56,"n":55}'
+    assert (await layer.group_history("h", 60)).messages == []
+    # 60 messages, history of 50: the first ten are gone.
+    assert not (await layer.group_history("h", 3)).complete
+    assert not (await layer.group_history("h", 61)).complete
+
+
+async def test_group_send_from_other_threads_and_loops_keeps_seq_order(layer):
+    member = Member()
+    await joined(layer, "t", member)
+    per_thread = 50
+
+    def sender(name):
+        async def send_all():
+            for n in range(per_thread):
+                await layer.group_send("t", {"type": "group.frame", "text": f'{{"t":"{name}","n":{n}}}'})
+            if hasattr(layer, "close"):
+                await layer.close()
+
+        asyncio.run(send_all())
+
+    threads = [threading.Thread(target=sender, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    await wait_for(lambda: len(member.messages) == 4 * per_thread)
+    assert [m["seq"] for m in member.messages] == list(range(1, 4 * per_thread + 1))
+    for i in range(4):
+        mine = [m["text"] for m in member.messages if f'"t":"w{i}"' in m["text"]]
+        assert [int(text.rsplit(":", 1)[1][:-1]) for text in mine] == list(range(per_thread))
+
+
+async def test_group_send_many_is_one_ordered_batch(layer):
+    member = Member()
+    await joined(layer, "a", member)
+    await joined(layer, "b", member)
+    seqs = await layer.group_send_many(
+        [
+            ("a", {"type": "group.frame", "text": "{}"}),
+            ("b", {"type": "group.frame", "text": "{}"}),
+            ("a", {"type": "group.frame", "text": "{}"}),
+        ]
+    )
+    assert seqs == [1, 1, 2]
+    await wait_for(lambda: len(member.messages) == 3)
+
+
+def redis_client_count(url) -> int:
+    client = redis.Redis.from_url(url)
+    try:
+        return len(client.client_list())
+    finally:
+        client.close()
+
+
+async def test_redis_layer_leaves_no_connection_behind(redis_url):
+    before = redis_client_count(redis_url)
+    layer = RedisFanoutLayer(url=redis_url, prefix=f"leak-{uuid.uuid4().hex[:8]}")
+    member = Member()
+    channel = await joined(layer, "g", member)
+
+    def thread_sends():
+        async def send():
+            for _ in range(20):
+                await layer.group_send("g", {"type": "group.frame", "text": "{}"})
+            await layer.close()
+
+        asyncio.run(send())
+
+    threads = [threading.Thread(target=thread_sends) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    await wait_for(lambda: len(member.messages) == 60)
+    assert redis_client_count(redis_url) > before  # the subscription and this loop's pool
+    await layer.group_discard("g", channel)
+    await layer.close()
+    await wait_for(lambda: redis_client_count(redis_url) == before)
+
+
+async def test_redis_outage_is_reported_to_members_and_the_subscription_comes_back():
+    server = RedisServer().start()
+    try:
+        layer = RedisFanoutLayer(url=server.url, prefix="outage", command_timeout=0.5, ping_interval=0.3)
+        member = Member()
+        await joined(layer, "g", member)
+        await layer.group_send("g", {"type": "group.frame", "text": "{}"})
+        await wait_for(lambda: len(member.messages) == 1)
+
+        server.stop()
+        await asyncio.sleep(0.5)
+        with pytest.raises((redis.RedisError, OSError, TimeoutError)):
+            await layer.group_send("g", {"type": "group.frame", "text": "{}"})
+        server.start()  # same port, empty: the history and the seq counters are gone
+
+        await wait_for(lambda: member.lost == ["g"], timeout=10)
+        assert layer.reconnects == 1
+        await layer.group_send("g", {"type": "group.frame", "text": "{}"})
+        await wait_for(lambda: len(member.messages) == 2)
+        assert member.messages[-1]["seq"] == 1  # the counter restarted with Redis...
+        assert not (await layer.group_history("g", 1 + 1)).complete  # ...and a client at seq 2 resyncs
+        await layer.close()
+    finally:
+        server.stop()
+
+
+async def test_a_paused_redis_is_detected_by_missed_pings():
+    server = RedisServer().start()
+    try:
+        layer = RedisFanoutLayer(url=server.url, prefix="paused", command_timeout=0.5, ping_interval=0.3)
+        member = Member()
+        await joined(layer, "g", member)
+        server.pause()
+        began = time.monotonic()
+        with pytest.raises((redis.RedisError, OSError, TimeoutError)):
+            await layer.group_send("g", {"type": "group.frame", "text": "{}"})
+        assert time.monotonic() - began < 2  # commands time out: no loop is blocked for long
+        await asyncio.sleep(1.5)
+        server.resume()
+        await wait_for(lambda: member.lost == ["g"], timeout=10)
+        await layer.close()
+    finally:
+        server.resume()
+        server.stop()
