@@ -197,7 +197,8 @@ async def test_twenty_processes_on_five_workers_reach_every_client(servers):
 
 async def test_sigterm_closes_every_client_with_1001_and_exits(database, redis_url):
     server = DaphneServer(database.url, redis_url).start()
-    process_id = await start_process(server, "long_running", [{"step_delay": 0.3}])
+    # Five one-second steps: still running when SIGTERM comes after the 200 clients connected.
+    process_id = await start_process(server, "long_running", [{"step_delay": 1.0}])
     paths = [
         "/api/processes/all/",
         "/api/ws/events",
@@ -206,6 +207,7 @@ async def test_sigterm_closes_every_client_with_1001_and_exits(database, redis_u
     ]
     clients = [await Collector(f"{server.ws}{paths[i % len(paths)]}").start() for i in range(200)]
     await clients[-1].wait_for(lambda f: len(f) >= 1, what="a detail snapshot")
+    assert clients[-1].close_code is None, "the process ended before the test could stop the server"
 
     began = time.monotonic()
     exit_code = await asyncio.to_thread(server.stop)
@@ -221,7 +223,7 @@ async def test_sigterm_closes_every_client_with_1001_and_exits(database, redis_u
     # start picks it up and finishes it, with every step logged once.
     restarted = DaphneServer(database.url, redis_url).start()
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while True:
             status, body = await asyncio.to_thread(http, restarted, "GET", f"/api/processes/{process_id}")
             if body["status"] == "completed" or time.monotonic() > deadline:
