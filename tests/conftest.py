@@ -72,3 +72,16 @@ def broadcast_thread(channel_layer, settings):
     thread = start_broadcast_thread(channel_layer)
     yield thread
     stop_broadcast_thread()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_connections_of_async_tests(django_db_setup, django_db_blocker):
+    """Close the connection asgiref's shared thread opened for async tests' database calls.
+
+    Without it PostgreSQL refuses to drop the test database ("accessed by other users").
+    """
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result()
