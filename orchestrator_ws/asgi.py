@@ -10,17 +10,11 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator_ws.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ProtocolTypeRouter  # noqa: E402
 
 from orchestrator_ws import lifecycle  # noqa: E402
-from orchestrator_ws.realtime.auth import SessionUserMiddlewareStack  # noqa: E402
-from orchestrator_ws.routing import websocket_urlpatterns  # noqa: E402
+from orchestrator_ws.routing import websocket_application  # noqa: E402
 
-application = ProtocolTypeRouter(
-    {
-        "http": django_asgi_app,
-        "websocket": SessionUserMiddlewareStack(URLRouter(websocket_urlpatterns)),
-    }
-)
+application = ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_application()})
 
 lifecycle.start()

@@ -37,10 +37,18 @@ class Environment(BaseSettings):
     WS_HISTORY_SIZE: int = Field(default=1000, ge=1, le=1_000_000)
     WS_HISTORY_SECONDS: float = Field(default=600, gt=0)
     WS_MAX_BUFFER_BYTES: int = Field(default=1 << 20, ge=1024)
+    # Origins allowed to open websockets (ALLOWED_HOSTS syntax); unset: DJANGO_ALLOWED_HOSTS.
+    WS_ALLOWED_ORIGINS: CommaList | None = None
+    WS_MAX_CLIENT_MESSAGE_BYTES: int = Field(default=4096, ge=16)
+    WS_MAX_CLIENT_MESSAGES_PER_SECOND: int = Field(default=10, ge=1)
+    # Open websockets per client IP / per token in one server process (0: no limit).
+    WS_MAX_CONNECTIONS_PER_IP: int = Field(default=1000, ge=0)
+    WS_MAX_CONNECTIONS_PER_TOKEN: int = Field(default=200, ge=0)
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     PROCESS_LIST_COALESCE_MS: int = Field(default=100, ge=0, le=60_000)
     BROADCAST_QUEUE_SIZE: int = Field(default=10_000, ge=1)
 
-    @field_validator("DJANGO_ALLOWED_HOSTS", "WS_AUTH_TOKENS", mode="before")
+    @field_validator("DJANGO_ALLOWED_HOSTS", "WS_AUTH_TOKENS", "WS_ALLOWED_ORIGINS", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

@@ -1,6 +1,7 @@
 """What a server process starts beside the ASGI app, and how it stops.
 
-Start: the broadcast thread, and a worker run for every process a stopped server left paused.
+Start: the system checks (refusing to serve on an error), the broadcast thread, and a worker run
+for every process a stopped server left paused.
 Stop (daphne's SIGTERM/SIGINT): every client gets close 1001 at once, the workers stop at their
 next step boundary (processes stay resumable), the broadcast thread sends what is queued, and
 the channel layer drops its subscriptions.
@@ -14,6 +15,7 @@ import sys
 import time
 
 from channels.layers import get_channel_layer
+from django.core.checks import run_checks
 from django.db import connection
 
 from orchestrator_ws.realtime.consumers import close_all
@@ -34,6 +36,7 @@ BROADCAST_DRAIN_WAIT = 5.0
 
 
 def start() -> None:
+    _refuse_to_start_on_failed_checks()
     start_broadcast_thread(get_channel_layer())
     try:
         resume_stalled_processes(api_broadcast_process_data(None))
@@ -45,6 +48,13 @@ def start() -> None:
         from twisted.internet import reactor
 
         reactor.addSystemEventTrigger("before", "shutdown", _before_daphne_shutdown)
+
+
+def _refuse_to_start_on_failed_checks() -> None:
+    """Run Django's system checks (daphne does not), and stop on any error."""
+    errors = [message for message in run_checks() if message.is_serious()]
+    if errors:
+        raise SystemExit("orchestrator-ws: refusing to start:\n" + "\n".join(str(e) for e in errors))
 
 
 def _before_daphne_shutdown():

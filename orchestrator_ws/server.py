@@ -25,6 +25,10 @@ DAPHNE_DEFAULTS = [
     "20",
     "--ping-timeout",
     "30",
+    # Clients send only heartbeats: autobahn refuses anything this big before it is buffered
+    # (the consumers' own limit, WS_MAX_CLIENT_MESSAGE_BYTES, is smaller still).
+    "--websocket-max-message-size", "65536",
+    "--websocket-max-frame-size", "65536",
     # On shutdown, give consumers this long to close their sockets with 1001.
     "--application-close-timeout",
     "5",

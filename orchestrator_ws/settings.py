@@ -21,6 +21,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "orchestrator_ws",
     "engine_status",
     "processes",
 ]
@@ -104,6 +105,14 @@ CHANNEL_LAYERS = {"default": _channel_layer()}
 # Websockets: authentication (off by default in development) and per-connection bounds.
 WS_AUTH_REQUIRED = ENV.WS_AUTH_REQUIRED
 WS_AUTH_TOKENS = ENV.WS_AUTH_TOKENS
+# Origins allowed to open a websocket; a wildcard outside DEBUG fails a system check at start.
+WS_ALLOWED_ORIGINS = ENV.WS_ALLOWED_ORIGINS if ENV.WS_ALLOWED_ORIGINS is not None else ALLOWED_HOSTS
+# What a client may send (heartbeats only): bigger -> 1009, more often -> 1008, binary -> 1003.
+WS_MAX_CLIENT_MESSAGE_BYTES = ENV.WS_MAX_CLIENT_MESSAGE_BYTES
+WS_MAX_CLIENT_MESSAGES_PER_SECOND = ENV.WS_MAX_CLIENT_MESSAGES_PER_SECOND
+# Open connections per client IP and per token, per server process; beyond, the handshake fails.
+WS_MAX_CONNECTIONS_PER_IP = ENV.WS_MAX_CONNECTIONS_PER_IP
+WS_MAX_CONNECTIONS_PER_TOKEN = ENV.WS_MAX_CONNECTIONS_PER_TOKEN
 # Output a client may leave unread before it is closed with 1013.
 WS_MAX_BUFFER_BYTES = ENV.WS_MAX_BUFFER_BYTES
 WS_MAX_QUEUED_MESSAGES = 1000
@@ -139,6 +148,6 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": "INFO"},
+    "root": {"handlers": ["console"], "level": ENV.LOG_LEVEL},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }

@@ -33,6 +33,15 @@ from django.db import close_old_connections, connection
 from django.http import HttpRequest
 
 from engine_status.selectors import EngineStatus, get_engine_status
+from orchestrator_ws.realtime.metrics import (
+    BROADCAST_DROPPED,
+    BROADCAST_QUEUE_DEPTH,
+    BROADCAST_SEND_FAILURES,
+    ENQUEUE_TO_SEND_SECONDS,
+    MESSAGES_BROADCAST,
+    group_kind,
+)
+from orchestrator_ws.realtime.outage import OutageLog
 from processes import messages, selectors
 from processes.engine import BroadcastFunc, no_broadcast
 from processes.models import ProcessStatus
@@ -76,11 +85,11 @@ class ProcessDataBroadcastThread(threading.Thread):
         self.list_coalesce_seconds = list_coalesce_seconds
         self.batch_size = batch_size
         self.dropped = 0
-        self.send_failures = 0
+        self.overflow = OutageLog(logger, "the broadcast queue")
+        self.sending = OutageLog(logger, "broadcasting")
         # Groups whose messages were dropped or failed to send; guarded by _lock (workers drop).
         self._lock = threading.Lock()
         self._lost_groups: set[str] = set()
-        self._outage = False
         # Process list coalescing: when each process's window ends, and whether it changed since.
         self._list_window_ends: dict[uuid.UUID, float] = {}
         self._list_changed: set[uuid.UUID] = set()
@@ -119,11 +128,9 @@ class ProcessDataBroadcastThread(threading.Thread):
     def _drop(self, update: ProcessUpdate | EngineStatusUpdate) -> None:
         with self._lock:
             self.dropped += 1
-            first_of_outage = not self._outage
-            self._outage = True
             self._lost_groups.update(self._groups_of(update))
-        if first_of_outage:
-            logger.warning("broadcast queue full: dropping the oldest updates (their groups will resync)")
+        BROADCAST_DROPPED.inc()
+        self.overflow.failed("the queue is full; dropping the oldest updates, their groups will resync")
 
     def _mark_lost(self, groups) -> None:
         with self._lock:
@@ -152,9 +159,9 @@ class ProcessDataBroadcastThread(threading.Thread):
             while True:
                 updates, stopping = self._next_batch()
                 if updates or self._list_changed:
-                    self._send(loop, self._build(updates))
+                    self._send(loop, updates, self._build(updates))
                 if stopping:
-                    self._send(loop, self._build([], flush_list=True))
+                    self._send(loop, [], self._build([], flush_list=True))
                     break
         finally:
             try:
@@ -180,6 +187,9 @@ class ProcessDataBroadcastThread(threading.Thread):
                 updates.append(self.queue.get_nowait())
         except queue.Empty:
             pass
+        BROADCAST_QUEUE_DEPTH.set(self.queue.qsize())
+        if self.queue.empty():
+            self.overflow.succeeded()
         stopping = _STOP in updates
         return [u for u in updates if u is not _STOP], stopping
 
@@ -272,25 +282,23 @@ class ProcessDataBroadcastThread(threading.Thread):
             out.append((messages.EVENTS_GROUP, messages.group_message(messages.engine_event_frame())))
         return out
 
-    def _send(self, loop: asyncio.AbstractEventLoop, group_messages: GroupMessages) -> None:
+    def _send(self, loop: asyncio.AbstractEventLoop, updates: list, group_messages: GroupMessages) -> None:
         if not group_messages:
             return
         try:
             loop.run_until_complete(self._group_send(group_messages))
         except Exception as exc:
-            self.send_failures += 1
+            BROADCAST_SEND_FAILURES.inc()
             self._mark_lost(group for group, _ in group_messages)
-            with self._lock:
-                first_of_outage, self._outage = not self._outage, True
-            if first_of_outage:
-                logger.warning("broadcasting failed (%s); the groups concerned will resync", exc)
-            time.sleep(min(0.05 * self.send_failures, 1.0))
+            self.sending.failed(f"{exc or type(exc).__name__}; the groups concerned will resync")
+            time.sleep(min(0.05 * self.sending.failures, 1.0))
             return
-        with self._lock:
-            recovered, self._outage = self._outage, False
-        if recovered:
-            logger.warning("broadcasting works again (%d updates dropped so far)", self.dropped)
-        self.send_failures = 0
+        self.sending.succeeded()
+        sent_at = time.monotonic()
+        for update in updates:
+            ENQUEUE_TO_SEND_SECONDS.observe(sent_at - update.enqueued_at)
+        for group, _ in group_messages:
+            MESSAGES_BROADCAST.labels(group_kind(group)).inc()
 
     async def _group_send(self, group_messages: GroupMessages) -> None:
         send_many = getattr(self.channel_layer, "group_send_many", None)

@@ -120,7 +120,7 @@ async def test_engine_status_snapshot_and_changes(broadcast_thread):
     await sync_to_async(engine_lock.set_global_lock)(True)
     frames = await client.frames_until(lambda f: f["engine-status"]["global_status"] == "PAUSED")
     statuses = [f["engine-status"]["global_status"] for f in frames]
-    assert statuses[0] == "PAUSING" and statuses[-1] == "PAUSED"
+    assert statuses[0] == "PAUSING" and statuses[-1] == "PAUSED", frames
     assert frames[-1]["engine-status"] == {
         "global_lock": True,
         "running_processes": 0,

@@ -44,6 +44,8 @@ class Collector:
 
     def __init__(self, url: str, **connect_kwargs):
         self.url = url
+        # A browser's Origin: the server refuses websockets from origins it does not know.
+        connect_kwargs.setdefault("origin", url.replace("ws://", "http://", 1).split("/api/")[0])
         self.connect_kwargs = connect_kwargs
         self.frames: list = []
         self.close_code: int | None = None

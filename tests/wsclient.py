@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import json
 
-from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
-from orchestrator_ws.realtime.auth import SessionUserMiddlewareStack
-from orchestrator_ws.routing import websocket_urlpatterns
+from orchestrator_ws.routing import websocket_application
 
-
-def application():
-    return SessionUserMiddlewareStack(URLRouter(websocket_urlpatterns))
+BROWSER_ORIGIN = (b"origin", b"http://localhost:8000")
 
 
 class WsClient:
-    def __init__(self, path: str, **kwargs):
-        self.communicator = WebsocketCommunicator(application(), path, **kwargs)
+    """A client of the production websocket stack; sends a browser's Origin unless told otherwise."""
+
+    def __init__(self, path: str, headers=(BROWSER_ORIGIN,), **kwargs):
+        self.communicator = WebsocketCommunicator(websocket_application(), path, headers=list(headers), **kwargs)
         self.subprotocol = None
 
     async def connect(self) -> tuple[bool, object]:

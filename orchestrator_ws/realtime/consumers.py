@@ -37,6 +37,16 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from orchestrator_ws.realtime.layers import Message
+from orchestrator_ws.realtime.limits import ClientMessageGuard, open_connections
+from orchestrator_ws.realtime.metrics import (
+    CONNECTIONS_REFUSED,
+    GAPS_REPAIRED,
+    OPEN_CONNECTIONS,
+    RESYNCS,
+    SLOW_CLIENTS_CLOSED,
+    group_kind,
+)
+from orchestrator_ws.realtime.outage import OutageLog
 from orchestrator_ws.realtime.protocol import (
     BEARER_SUBPROTOCOL,
     CLOSE_BAD_REQUEST,
@@ -57,6 +67,8 @@ logger = logging.getLogger(__name__)
 
 # Every open connection of this server process, for closing them all on shutdown.
 open_consumers: weakref.WeakSet[GroupConsumer] = weakref.WeakSet()
+# Syncing clients (reading seqs, history, snapshots) while the layer or database is down.
+sync_outage = OutageLog(logger, "syncing websocket clients")
 
 
 class ConnectRefused(Exception):
@@ -85,6 +97,11 @@ class GroupConsumer(AsyncWebsocketConsumer):
     _sync_again_resync = False
     _sync_task: asyncio.Task | None = None
     _closing = False
+    _connection_keys: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._guard = ClientMessageGuard()
 
     # --- what page consumers define -------------------------------------------------------------
 
@@ -104,18 +121,27 @@ class GroupConsumer(AsyncWebsocketConsumer):
         try:
             subprotocol, token = self._credentials()
         except HandshakeRejected as rejected:
-            logger.info("websocket handshake rejected on %s: %s", self.scope["path"], rejected)
+            self._log_refusal("malformed handshake", str(rejected))
+            await self.close()
+            return
+        client = self.scope.get("client") or [None]
+        self._connection_keys = open_connections.keys(client[0], token)
+        exceeded = open_connections.acquire(self._connection_keys)
+        if exceeded is not None:
+            self._connection_keys = []
+            self._log_refusal(f"too many connections per {exceeded}")
             await self.close()
             return
         refusal = None
         since = None
         if not self._authorized(token):
-            logger.info("websocket unauthorized on %s", self.scope["path"])
+            self._log_refusal("unauthorized", code=CLOSE_POLICY_VIOLATION)
             refusal = (UNAUTHORIZED, CLOSE_POLICY_VIOLATION)
         else:
             try:
                 since = self._since()
             except ValueError as exc:
+                self._log_refusal("bad since", code=CLOSE_BAD_REQUEST)
                 refusal = (error_frame(400, str(exc), title="Bad Request"), CLOSE_BAD_REQUEST)
         if refusal is None:
             # Join before completing the handshake: once a client is connected, nothing
@@ -136,11 +162,19 @@ class GroupConsumer(AsyncWebsocketConsumer):
         if refusal is not None:
             self._refuse(*refusal)
             return
+        OPEN_CONNECTIONS.labels(group_kind(self.group)).inc()
+        logger.info("websocket connected: %s from %s", self.group, client[0])
         self._start_sync(since, pending=self._take_buffer())
 
     async def websocket_receive(self, message: Message) -> None:
         # Clients only ever send heartbeats; anything else is ignored, never broadcast.
-        if message.get("text") == PING and self.transport is not None:
+        if self.transport is None or self._closing:
+            return
+        offence = self._guard.check(message)
+        if offence is not None:
+            self._log_refusal("client message not allowed", code=offence)
+            self.finish(offence)
+        elif message.get("text") == PING:
             self.transport.send_text(PONG)
 
     async def websocket_disconnect(self, message: Message) -> None:
@@ -148,11 +182,26 @@ class GroupConsumer(AsyncWebsocketConsumer):
         if self._sync_task is not None:
             self._sync_task.cancel()
         if self.group:
+            OPEN_CONNECTIONS.labels(group_kind(self.group)).dec()
+            logger.info("websocket closed: %s, code %s", self.group, message.get("code"))
             if self._sequenced:
                 self.channel_layer.detach(self.channel_name)
             await self.channel_layer.group_discard(self.group, self.channel_name)
+        open_connections.release(self._connection_keys)
+        self._connection_keys = []
         open_consumers.discard(self)
         raise StopConsumer
+
+    def _log_refusal(self, reason: str, detail: str = "", code: int | None = None) -> None:
+        """One line per refused or closed client: path (never the query, tokens live there)."""
+        CONNECTIONS_REFUSED.labels(reason).inc()
+        logger.info(
+            "websocket %s on %s%s%s",
+            reason,
+            self.scope["path"],
+            f", code {code}" if code is not None else "",
+            f": {detail}" if detail else "",
+        )
 
     @property
     def closed(self) -> bool:
@@ -240,6 +289,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
             if seq <= self.last_seq:
                 return  # already sent (replayed, or covered by the snapshot)
             if seq != self.last_seq + 1:
+                GAPS_REPAIRED.labels(group_kind(self.group)).inc()
                 logger.warning(
                     "gap on %s: expected seq %d, got %d; catching up", self.group, self.last_seq + 1, seq
                 )
@@ -258,6 +308,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
             self.finish(CLOSE_NORMAL)
 
     def _too_slow(self) -> None:
+        SLOW_CLIENTS_CLOSED.inc()
         logger.warning(
             "closing a websocket on %s: client is %d bytes behind",
             self.group,
@@ -288,13 +339,14 @@ class GroupConsumer(AsyncWebsocketConsumer):
         while not self._closing:
             try:
                 await self._catch_up(since, resync)
+                sync_outage.succeeded()
                 break
             except ConnectRefused as refused:
                 self._buffer = None
                 self._refuse(refused.frame, refused.code)
                 return
-            except Exception:
-                logger.warning("sync of %s failed; retrying in %.1fs", self.group, delay, exc_info=True)
+            except Exception as exc:
+                sync_outage.failed(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         buffered = self._take_buffer()
@@ -326,6 +378,8 @@ class GroupConsumer(AsyncWebsocketConsumer):
             frame = {**frame, "seq": seq} if seq is not None else dict(frame)
             if resync:
                 frame["resync"] = True
+        if resync:
+            RESYNCS.labels(group_kind(self.group)).inc()
         self.last_seq = seq
         if frame is not None:
             self.transport.send_text(encode(frame))
@@ -337,7 +391,8 @@ class RejectHandshake(AsyncConsumer):
     """Refuses the upgrade of any websocket path no endpoint serves (HTTP 403)."""
 
     async def websocket_connect(self, message: Message) -> None:
-        logger.info("websocket handshake rejected: no endpoint at %s", self.scope["path"])
+        CONNECTIONS_REFUSED.labels("no such endpoint").inc()
+        logger.info("websocket refused: no endpoint at %s", self.scope["path"])
         await self.send({"type": "websocket.close"})
 
     async def websocket_disconnect(self, message: Message) -> None:

@@ -35,6 +35,8 @@ from typing import Any, Protocol
 from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer
 
+from orchestrator_ws.realtime.metrics import MESSAGES_FANNED_OUT, group_kind
+
 logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
@@ -125,6 +127,7 @@ class Hub:
         if not channels:
             return
         stamped = stamp(message, seq)
+        MESSAGES_FANNED_OUT.labels(group_kind(group)).inc(len(channels))
         for channel in list(channels):
             member = self.members.get(channel)
             try:

@@ -30,6 +30,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from orchestrator_ws.realtime.layers import FanoutChannelLayer, History, Message, contiguous
+from orchestrator_ws.realtime.metrics import REDIS_RECONNECTS
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +237,7 @@ class RedisFanoutLayer(FanoutChannelLayer):
                 self._pubsub = pubsub
                 if outage_since is not None:
                     self.reconnects += 1
+                    REDIS_RECONNECTS.inc()
                     logger.warning(
                         "redis subscription restored after %.1fs; resyncing %d groups",
                         time.monotonic() - outage_since,
