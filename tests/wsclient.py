@@ -15,7 +15,9 @@ class WsClient:
     """A client of the production websocket stack; sends a browser's Origin unless told otherwise."""
 
     def __init__(self, path: str, headers=(BROWSER_ORIGIN,), **kwargs):
-        self.communicator = WebsocketCommunicator(websocket_application(), path, headers=list(headers), **kwargs)
+        self.communicator = WebsocketCommunicator(
+            websocket_application(), path, headers=list(headers), **kwargs
+        )
         self.subprotocol = None
 
     async def connect(self) -> tuple[bool, object]:
