@@ -13,26 +13,23 @@ from daphne.cli import CommandLineInterface
 
 APPLICATION = "orchestrator_ws.asgi:application"
 
+# fmt: off
 DAPHNE_DEFAULTS = [
     # Websocket sessions last as long as the client wants; clients reconnect on their own.
-    "--websocket_timeout",
-    "-1",
+    "--websocket_timeout", "-1",
     # Drop a client whose handshake stalls, instead of holding its socket for daphne's 20 s.
-    "--websocket_connect_timeout",
-    "10",
+    "--websocket_connect_timeout", "10",
     # Protocol-level keepalive pings; a dead peer is dropped after ping-timeout seconds.
-    "--ping-interval",
-    "20",
-    "--ping-timeout",
-    "30",
+    "--ping-interval", "20",
+    "--ping-timeout", "30",
     # Clients send only heartbeats: autobahn refuses anything this big before it is buffered
     # (the consumers' own limit, WS_MAX_CLIENT_MESSAGE_BYTES, is smaller still).
     "--websocket-max-message-size", "65536",
     "--websocket-max-frame-size", "65536",
     # On shutdown, give consumers this long to close their sockets with 1001.
-    "--application-close-timeout",
-    "5",
+    "--application-close-timeout", "5",
 ]
+# fmt: on
 
 
 def main(argv: list[str] | None = None) -> None:
