@@ -3,6 +3,8 @@ Every error body has a ``detail`` message; validation errors add ``errors`` with
 problem. Validation failures answer 400 (orchestrator-core's convention) rather than ninja's 422.
 """
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import ValidationError
@@ -37,6 +39,13 @@ def _error(request: HttpRequest, exc: Exception) -> HttpResponse:
 
 for error_class in _STATUS_OF_ERROR:
     api.add_exception_handler(error_class, _error)
+
+
+@api.exception_handler(RequestDataTooBig)
+def _body_too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
+    # Unhandled, ninja answers it with a 500 under DEBUG (Django's HTML 400 otherwise).
+    detail = f"request body larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes"
+    return api.create_response(request, {"detail": detail}, status=413)
 
 
 @api.exception_handler(FormInputError)

@@ -1,20 +1,24 @@
 """REST endpoints for workflows and processes (orchestrator-core's paths)."""
 
+import logging
 import uuid
 from typing import Any, Literal
 
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.http import HttpRequest
 from ninja import Body, Query, Router, Schema, Status
 from ninja.errors import HttpError
 from ninja.pagination import LimitOffsetPagination, paginate
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from processes import selectors, services
+from processes import messages, selectors, services
 from processes.messages import process_summary
 from processes.models import ProcessStatus, StepStatus
 from processes.process_data_broadcast import api_broadcast_process_data
 from processes.workflow import registry
 
+logger = logging.getLogger(__name__)
 router = Router(tags=["processes"])
 
 UserInputs = list[dict[str, Any]]
@@ -70,6 +74,13 @@ class ProcessFilters(Schema):
     status: ProcessStatus | None = None
     workflow: str | None = Field(default=None, max_length=255)
 
+    @field_validator("workflow")
+    @classmethod
+    def _no_nul(cls, workflow: str | None) -> str | None:
+        if workflow is not None and "\x00" in workflow:  # PostgreSQL refuses NUL in text
+            raise ValueError("must not contain NUL characters")
+        return workflow
+
 
 class CreatedOut(Schema):
     id: uuid.UUID
@@ -86,10 +97,15 @@ def list_workflows(request: HttpRequest):
 
 
 class _Summaries:
-    """A queryset seen as summaries: the paginator slices it, then only that page is built."""
+    """A queryset seen as summaries: the paginator slices it, then only that page is built.
 
-    def __init__(self, processes):
+    ``seq`` is the process-list group's seq, read before the query runs: a client that follows
+    the list websocket with ``?since=<seq>`` misses no change made after its page was read.
+    """
+
+    def __init__(self, processes, seq: int | None):
         self._processes = processes
+        self.seq = seq
 
     def __len__(self) -> int:
         return self._processes.count()
@@ -98,10 +114,40 @@ class _Summaries:
         return [process_summary(process) for process in self._processes[page]]
 
 
+class ProcessListPagination(LimitOffsetPagination):
+    class Input(Schema):
+        # Databases take LIMIT and OFFSET as signed 64-bit integers: larger ones are a 400, not a 500.
+        limit: int = Field(100, ge=1, le=2**63 - 1)
+        offset: int = Field(0, ge=0, le=2**63 - 1)
+
+    class Output(Schema):
+        items: list[Any]
+        count: int
+        seq: int | None = Field(
+            description="the process-list websocket's seq when this page was read; "
+            "connect with ?since=<seq> to follow it without a gap (null when unknown)"
+        )
+
+    def paginate_queryset(self, queryset: _Summaries, pagination, request: HttpRequest, **params):
+        return {**super().paginate_queryset(queryset, pagination, request, **params), "seq": queryset.seq}
+
+
+def _process_list_seq() -> int | None:
+    layer = get_channel_layer()
+    if not hasattr(layer, "group_seq"):
+        return None
+    try:
+        return async_to_sync(layer.group_seq)(messages.PROCESS_LIST_GROUP)
+    except Exception as exc:
+        logger.warning("could not read the process list's seq: %s", exc or type(exc).__name__)
+        return None
+
+
 @router.get("/processes/", response=list[ProcessSummaryOut], summary="List processes, newest first")
-@paginate(LimitOffsetPagination)
+@paginate(ProcessListPagination)
 def list_processes(request: HttpRequest, filters: Query[ProcessFilters]):
-    return _Summaries(selectors.list_processes(status=filters.status, workflow=filters.workflow))
+    seq = _process_list_seq()
+    return _Summaries(selectors.list_processes(status=filters.status, workflow=filters.workflow), seq)
 
 
 @router.get(

@@ -188,8 +188,6 @@ class ProcessDataBroadcastThread(threading.Thread):
         except queue.Empty:
             pass
         BROADCAST_QUEUE_DEPTH.set(self.queue.qsize())
-        if self.queue.empty():
-            self.overflow.succeeded()
         stopping = _STOP in updates
         return [u for u in updates if u is not _STOP], stopping
 
@@ -294,6 +292,8 @@ class ProcessDataBroadcastThread(threading.Thread):
             time.sleep(min(0.05 * self.sending.failures, 1.0))
             return
         self.sending.succeeded()
+        if self.queue.empty():
+            self.overflow.succeeded()
         sent_at = time.monotonic()
         for update in updates:
             ENQUEUE_TO_SEND_SECONDS.observe(sent_at - update.enqueued_at)

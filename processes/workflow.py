@@ -17,6 +17,7 @@ that its pydantic form accepts.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -121,17 +122,62 @@ def validate_form(form: type[Form] | None, user_inputs: list[dict[str, Any]]) ->
     merged: State = {}
     for page in user_inputs:
         merged.update(page)
-    if form is None:
-        return merged
+    if form is not None:
+        try:
+            merged = form.model_validate(merged).model_dump(mode="json")
+        except ValidationError as exc:
+            raise FormInputError(
+                [
+                    {"field": ".".join(str(p) for p in error["loc"]), "message": error["msg"]}
+                    for error in exc.errors()
+                ]
+            ) from None
+    errors = _unstorable(merged)
+    if errors:
+        raise FormInputError(errors)
+    return merged
+
+
+# Deeper input parses, but serializing it again (to store it, to answer with it) can exhaust the
+# interpreter's recursion limit.
+MAX_INPUT_DEPTH = 100
+
+
+def _unstorable(state: State) -> list[dict[str, Any]]:
+    """Field errors for values a JSON column refuses: NaN, infinities, NUL, lone surrogates.
+
+    Python's json module parses ``NaN``, ``Infinity`` and lone surrogates (``"\\ud800"``), which
+    SQLite's JSON check and PostgreSQL's jsonb reject, as jsonb rejects ``"\\u0000"``. Walked with
+    a stack, not recursion: input nested as deep as the JSON parser allows must not overflow here.
+    """
+    bad_text = "must not contain NUL characters or unpaired surrogates"
+    errors = []
+    stack: list[tuple[tuple[str, ...], Any]] = [((str(key),), value) for key, value in state.items()]
+    while stack:
+        path, value = stack.pop()
+        field = ".".join(path)
+        if len(path) > MAX_INPUT_DEPTH:
+            errors.append({"field": field, "message": f"nested more than {MAX_INPUT_DEPTH} levels deep"})
+            continue
+        if not _storable_text(path[-1]):
+            errors.append({"field": field, "message": f"field names {bad_text}"})
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append({"field": field, "message": "numbers must be finite"})
+        elif isinstance(value, str) and not _storable_text(value):
+            errors.append({"field": field, "message": f"text {bad_text}"})
+        elif isinstance(value, dict):
+            stack.extend(((*path, str(key)), item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*path, str(index)), item) for index, item in enumerate(value))
+    return sorted(errors, key=lambda error: error["field"])
+
+
+def _storable_text(text: str) -> bool:
     try:
-        return form.model_validate(merged).model_dump(mode="json")
-    except ValidationError as exc:
-        raise FormInputError(
-            [
-                {"field": ".".join(str(p) for p in error["loc"]), "message": error["msg"]}
-                for error in exc.errors()
-            ]
-        ) from None
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return "\x00" not in text
 
 
 @dataclass(frozen=True)

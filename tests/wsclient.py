@@ -14,10 +14,12 @@ BROWSER_ORIGIN = (b"origin", b"http://localhost:8000")
 class WsClient:
     """A client of the production websocket stack; sends a browser's Origin unless told otherwise."""
 
-    def __init__(self, path: str, headers=(BROWSER_ORIGIN,), **kwargs):
+    def __init__(self, path: str, headers=(BROWSER_ORIGIN,), client=("127.0.0.1", 50000), **kwargs):
         self.communicator = WebsocketCommunicator(
             websocket_application(), path, headers=list(headers), **kwargs
         )
+        # The scope is read when the application runs, on connect: give it a peer address.
+        self.communicator.scope["client"] = list(client)
         self.subprotocol = None
 
     async def connect(self) -> tuple[bool, object]:

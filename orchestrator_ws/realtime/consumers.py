@@ -98,6 +98,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
     _sync_task: asyncio.Task | None = None
     _closing = False
     _connection_keys: list = []
+    _audit_mark: int | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -133,7 +134,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
             await self.close()
             return
         refusal = None
-        since = None
+        since = join_seq = None
         if not self._authorized(token):
             self._log_refusal("unauthorized", code=CLOSE_POLICY_VIOLATION)
             refusal = (UNAUTHORIZED, CLOSE_POLICY_VIOLATION)
@@ -152,6 +153,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_add(self.group, self.channel_name)
             if self._sequenced:
                 self.channel_layer.attach(self.channel_name, self)
+                join_seq = await self._join_seq() if since is None else None
         await self.accept(subprotocol)
         self.transport = transport_for(
             self.base_send,
@@ -164,7 +166,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
             return
         OPEN_CONNECTIONS.labels(group_kind(self.group)).inc()
         logger.info("websocket connected: %s from %s", self.group, client[0])
-        self._start_sync(since, pending=self._take_buffer())
+        self._start_sync(since, start_seq=join_seq, pending=self._take_buffer())
 
     async def websocket_receive(self, message: Message) -> None:
         # Clients only ever send heartbeats; anything else is ignored, never broadcast.
@@ -191,6 +193,15 @@ class GroupConsumer(AsyncWebsocketConsumer):
         self._connection_keys = []
         open_consumers.discard(self)
         raise StopConsumer
+
+    async def _join_seq(self) -> int | None:
+        """The group's seq as the client joins: it gets everything after, even what is sent
+        while its handshake completes. None if the layer cannot tell now (the sync retries)."""
+        try:
+            return await self.channel_layer.group_seq(self.group)
+        except Exception as exc:
+            sync_outage.failed(exc)
+            return None
 
     def _log_refusal(self, reason: str, detail: str = "", code: int | None = None) -> None:
         """One line per refused or closed client: path (never the query, tokens live there)."""
@@ -276,6 +287,15 @@ class GroupConsumer(AsyncWebsocketConsumer):
         if not self._closing:
             self._start_sync(self.last_seq)
 
+    def audit(self, group: str, seq: int) -> None:
+        """Still behind the seq of the previous audit: the latest messages were lost."""
+        mark, self._audit_mark = self._audit_mark, seq
+        idle = self._buffer is None and not self._closing
+        if idle and None not in (mark, self.last_seq) and self.last_seq < mark:
+            GAPS_REPAIRED.labels(group_kind(self.group)).inc()
+            logger.warning("%s: stuck at seq %d, the group is at %d; catching up", group, self.last_seq, seq)
+            self._start_sync(self.last_seq)
+
     async def group_frame(self, message: Message) -> None:
         """A group message through channels' dispatch (stock layers)."""
         self.deliver(message.get("group", self.group), message)
@@ -322,7 +342,15 @@ class GroupConsumer(AsyncWebsocketConsumer):
         buffered, self._buffer = self._buffer or [], None
         return buffered
 
-    def _start_sync(self, since: int | None, *, resync: bool = False, pending: list[Message] = ()) -> None:
+    def _start_sync(
+        self,
+        since: int | None,
+        *,
+        resync: bool = False,
+        start_seq: int | None = None,
+        pending: list[Message] = (),
+    ) -> None:
+        """Catch up after ``since``, or snapshot at ``start_seq`` (None: the group's seq now)."""
         if self._buffer is not None:
             # A sync is under way; it may have read the history before this reason to sync
             # arose, so it runs once more (from its own last seq) when it is done.
@@ -332,13 +360,13 @@ class GroupConsumer(AsyncWebsocketConsumer):
             return
         self._buffer = list(pending)
         self._sync_again = self._sync_again_resync = False
-        self._sync_task = asyncio.ensure_future(self._run_sync(since, resync))
+        self._sync_task = asyncio.ensure_future(self._run_sync(since, resync, start_seq))
 
-    async def _run_sync(self, since: int | None, resync: bool) -> None:
+    async def _run_sync(self, since: int | None, resync: bool, start_seq: int | None) -> None:
         delay = 0.1
         while not self._closing:
             try:
-                await self._catch_up(since, resync)
+                await self._catch_up(since, resync, start_seq)
                 sync_outage.succeeded()
                 break
             except ConnectRefused as refused:
@@ -357,8 +385,14 @@ class GroupConsumer(AsyncWebsocketConsumer):
         for message in buffered:
             self.deliver(self.group, message)
 
-    async def _catch_up(self, since: int | None, resync: bool) -> None:
-        """Replay after ``since`` when the history has it all, else send a snapshot."""
+    async def _catch_up(self, since: int | None, resync: bool, start_seq: int | None) -> None:
+        """Replay after ``since`` when the history has it all, else send a snapshot.
+
+        A new client's snapshot is stamped with the seq read when it joined (``start_seq``):
+        whatever was sent after that is in the buffer and follows the snapshot. The snapshot
+        itself is read later, so it may already show some of it; detail and engine frames
+        describe whole states, so showing a change twice is harmless and none is missed.
+        """
         layer = self.channel_layer
         if since is not None and self._sequenced:
             history = await layer.group_history(self.group, since)
@@ -370,7 +404,9 @@ class GroupConsumer(AsyncWebsocketConsumer):
                 self.last_seq = history.seq
                 return
             resync = True
-        seq = await layer.group_seq(self.group) if self._sequenced else None
+        seq = start_seq
+        if seq is None and self._sequenced:
+            seq = await layer.group_seq(self.group)
         frame = await self.snapshot()
         if frame is None:
             frame = resync_frame(seq) if resync else None

@@ -51,6 +51,10 @@ class GroupMember(Protocol):
     def messages_may_be_lost(self, group: str) -> None:
         """The server's own stream of ``group`` was interrupted (e.g. Redis reconnected)."""
 
+    def audit(self, group: str, seq: int) -> None:
+        """Periodic check: the group's seq is ``seq``; a member still behind a previous audit's
+        seq lost the latest messages (a loss no later message revealed) and catches up."""
+
 
 def stamp(message: Message, seq: int) -> Message:
     """A copy of ``message`` carrying ``seq``, in the dict and inside a JSON-object ``text``."""
@@ -143,10 +147,15 @@ class Hub:
     def lost(self, groups: Iterable[str]) -> None:
         """Tell the members of ``groups`` that messages may have been lost."""
         for group in list(groups):
-            for channel in list(self.groups.get(group, ())):
-                member = self.members.get(channel)
-                if member is not None:
-                    member.messages_may_be_lost(group)
+            for member in self._members_of(group):
+                member.messages_may_be_lost(group)
+
+    def audit(self, group: str, seq: int) -> None:
+        for member in self._members_of(group):
+            member.audit(group, seq)
+
+    def _members_of(self, group: str) -> list[GroupMember]:
+        return [m for m in (self.members.get(c) for c in list(self.groups.get(group, ()))) if m is not None]
 
 
 class FanoutChannelLayer(BaseChannelLayer):
@@ -154,10 +163,19 @@ class FanoutChannelLayer(BaseChannelLayer):
 
     extensions = ["groups", "flush"]
 
-    def __init__(self, history_size: int = 1000, history_ttl: float = 600, capacity: int = 100, **kwargs):
+    def __init__(
+        self,
+        history_size: int = 1000,
+        history_ttl: float = 600,
+        audit_interval: float = 5.0,
+        capacity: int = 100,
+        **kwargs,
+    ):
         super().__init__(capacity=capacity, **kwargs)
         self.history_size = history_size
         self.history_ttl = history_ttl
+        self.audit_interval = audit_interval
+        self._auditor: asyncio.Task | None = None
         self.queues: dict[str, asyncio.Queue] = {}
         self.hub = Hub(self._local_queue)
         self.client_prefix = secrets.token_hex(6)
@@ -212,6 +230,8 @@ class FanoutChannelLayer(BaseChannelLayer):
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
         self._bind_home_loop()
+        if self._auditor is None or self._auditor.done():
+            self._auditor = asyncio.create_task(self._audit_forever(), name="fanout-audit")
         if self.hub.add(group, channel):
             await self._subscribe(group)
 
@@ -236,6 +256,23 @@ class FanoutChannelLayer(BaseChannelLayer):
     async def flush(self) -> None:
         self.queues.clear()
         self.hub = Hub(self._local_queue)
+
+    async def close(self) -> None:
+        """Stop the audit (when called on the home loop); subclasses release their connections."""
+        if self._auditor is not None and asyncio.get_running_loop() is self.home_loop:
+            self._auditor.cancel()
+            self._auditor = None
+
+    async def _audit_forever(self) -> None:
+        """Compare each group's seq with what its local members have, every audit_interval."""
+        while True:
+            await asyncio.sleep(self.audit_interval)
+            for group in list(self.hub.groups):
+                try:
+                    seq = await self.group_seq(group)
+                except Exception:
+                    continue  # the layer is down; reconnecting will tell the members
+                self.hub.audit(group, seq)
 
     # --- extensions -------------------------------------------------------------------------------
 

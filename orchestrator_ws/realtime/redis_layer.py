@@ -183,6 +183,7 @@ class RedisFanoutLayer(FanoutChannelLayer):
 
     async def close(self) -> None:
         """Release what this layer holds on the running loop (its client, its reader)."""
+        await super().close()
         loop = asyncio.get_running_loop()
         if self._reader is not None and loop is self.home_loop:
             self._reader.cancel()
