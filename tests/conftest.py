@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from processes.engine import shutdown_worker_pool
-from tests.servers import RedisServer
+from tests.servers import RedisServer, TemporaryDatabase
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -85,3 +85,11 @@ def _close_connections_of_async_tests(django_db_setup, django_db_blocker):
     from django.db import connections
 
     SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+
+
+@pytest.fixture
+def database():
+    """A database of its own for server processes (SQLite file, or a new PostgreSQL DB)."""
+    db = TemporaryDatabase().create()
+    yield db
+    db.drop()

@@ -6,20 +6,20 @@ A process started through server A must reach the clients of server B, in order,
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import pytest
-import websockets
 
-from tests.servers import DaphneServer, TemporaryDatabase
-
-
-@pytest.fixture
-def database():
-    db = TemporaryDatabase().create()
-    yield db
-    db.drop()
+from tests.clients import (
+    LONG_STEPS,
+    Collector,
+    assert_clean_log,
+    assert_contiguous,
+    http,
+    merged_steps,
+    start_process,
+)
+from tests.servers import DaphneServer
 
 
 @pytest.fixture
@@ -34,81 +34,7 @@ def servers(database, redis_url):
         for server in started:
             assert server.stop() == 0, server.log
         for server in started:
-            log = server.log
-            assert "Traceback" not in log, log[-3000:]
-            assert "RuntimeError" not in log and "Task exception" not in log, log[-3000:]
-
-
-class Collector:
-    """A websocket client that records every frame until the server closes it."""
-
-    def __init__(self, url: str, **connect_kwargs):
-        self.url = url
-        # A browser's Origin: the server refuses websockets from origins it does not know.
-        connect_kwargs.setdefault("origin", url.replace("ws://", "http://", 1).split("/api/")[0])
-        self.connect_kwargs = connect_kwargs
-        self.frames: list = []
-        self.close_code: int | None = None
-        self._task: asyncio.Task | None = None
-        self.ws = None
-
-    async def start(self) -> Collector:
-        self.ws = await websockets.connect(self.url, **self.connect_kwargs)
-        self._task = asyncio.create_task(self._read())
-        return self
-
-    async def _read(self) -> None:
-        try:
-            async for text in self.ws:
-                self.frames.append(json.loads(text) if text.startswith("{") else text)
-        finally:
-            self.close_code = self.ws.close_code
-
-    async def wait_for(self, predicate, timeout: float = 20, what: str = "") -> list:
-        deadline = time.monotonic() + timeout
-        while not predicate(self.frames):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.url}: timed out waiting for {what}; got {self.frames[-5:]}")
-            await asyncio.sleep(0.02)
-        return self.frames
-
-    async def wait_closed(self, timeout: float = 10) -> int:
-        await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        return self.close_code
-
-    async def close(self) -> None:
-        await self.ws.close()
-        await self._task
-
-
-def http(server: DaphneServer, method: str, path: str, body=None):
-    data = json.dumps(body).encode() if body is not None else None
-    status, payload = server.request(method, path, data)
-    return status, json.loads(payload) if payload else None
-
-
-async def start_process(server, workflow, inputs) -> str:
-    status, body = await asyncio.to_thread(http, server, "POST", f"/api/processes/{workflow}", inputs)
-    assert status == 201, body
-    return body["id"]
-
-
-def assert_contiguous(frames):
-    seqs = [f["seq"] for f in frames]
-    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
-
-
-def merged_steps(frames):
-    """Step names of a detail stream, merged by step_id (the snapshot may hold the next step)."""
-    steps = {}
-    for frame in frames:
-        for step in [*frame["process"]["steps"], *([frame["step"]] if "step" in frame else [])]:
-            if step["status"] != "pending":
-                steps.setdefault(step["step_id"], step["name"])
-    return list(steps.values())
-
-
-LONG_STEPS = ["Start", *(f"Slow step {i}" for i in range(1, 6)), "Done"]
+            assert_clean_log(server)
 
 
 async def test_process_started_on_one_server_reaches_clients_of_both(servers):

@@ -9,14 +9,7 @@ import sys
 import pytest
 
 from tests.helpers import wait_until
-from tests.servers import PROJECT_DIR, DaphneServer, TemporaryDatabase, server_environment
-
-
-@pytest.fixture
-def database():
-    db = TemporaryDatabase().create()
-    yield db
-    db.drop()
+from tests.servers import PROJECT_DIR, DaphneServer, server_environment
 
 
 def run_manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
