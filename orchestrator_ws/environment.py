@@ -37,6 +37,8 @@ class Environment(BaseSettings):
     WS_HISTORY_SIZE: int = Field(default=1000, ge=1, le=1_000_000)
     WS_HISTORY_SECONDS: float = Field(default=600, gt=0)
     WS_MAX_BUFFER_BYTES: int = Field(default=1 << 20, ge=1024)
+    # Kernel send buffer of each websocket (0: the OS default, which grows to megabytes).
+    WS_SOCKET_SEND_BUFFER_BYTES: int = Field(default=64 * 1024, ge=0)
     # Origins allowed to open websockets (ALLOWED_HOSTS syntax); unset: DJANGO_ALLOWED_HOSTS.
     WS_ALLOWED_ORIGINS: CommaList | None = None
     WS_MAX_CLIENT_MESSAGE_BYTES: int = Field(default=4096, ge=16)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import sys
 
+import daphne.server
 from daphne.cli import CommandLineInterface
+from daphne.ws_protocol import WebSocketFactory
 
 APPLICATION = "orchestrator_ws.asgi:application"
 
@@ -32,7 +34,21 @@ DAPHNE_DEFAULTS = [
 # fmt: on
 
 
+class ClosingWebSocketFactory(WebSocketFactory):
+    """daphne's websocket factory, failing a protocol violation with a close frame.
+
+    autobahn's default for servers drops the TCP connection on a violation (an oversized
+    frame, say), so the client only sees 1006; with ``failByDrop`` off it first sends the close
+    frame with the reason's code (1009 for a frame over the limit).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.setProtocolOptions(failByDrop=False)
+
+
 def main(argv: list[str] | None = None) -> None:
+    daphne.server.WebSocketFactory = ClosingWebSocketFactory
     args = argv if argv is not None else sys.argv[1:]
     CommandLineInterface().run([*DAPHNE_DEFAULTS, *args, APPLICATION])
 

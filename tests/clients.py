@@ -21,6 +21,7 @@ class Collector:
         connect_kwargs.setdefault("origin", url.replace("ws://", "http://", 1).split("/api/")[0])
         self.connect_kwargs = connect_kwargs
         self.frames: list = []
+        self.received_at: list[float] = []  # wall-clock time each frame arrived
         self.close_code: int | None = None
         self._task: asyncio.Task | None = None
         self.ws = None
@@ -33,6 +34,7 @@ class Collector:
     async def _read(self) -> None:
         try:
             async for text in self.ws:
+                self.received_at.append(time.time())
                 self.frames.append(json.loads(text) if text.startswith("{") else text)
         except ConnectionClosed:
             pass  # closed without a close frame: close_code tells (1006)

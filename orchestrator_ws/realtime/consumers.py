@@ -159,6 +159,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
             self.base_send,
             max_buffer_bytes=settings.WS_MAX_BUFFER_BYTES,
             max_queued_messages=settings.WS_MAX_QUEUED_MESSAGES,
+            socket_send_buffer=settings.WS_SOCKET_SEND_BUFFER_BYTES,
         )
         open_consumers.add(self)
         if refusal is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -38,13 +39,19 @@ class Transport(Protocol):
 
 
 class DaphneTransport:
-    def __init__(self, protocol, server, max_buffer: int):
+    def __init__(self, protocol, server, max_buffer: int, socket_send_buffer: int = 0):
         self.protocol = protocol
         self.server = server
         self.max_buffer = max_buffer
+        if socket_send_buffer:
+            # Left alone, Linux grows a socket's send buffer up to megabytes for a client that
+            # does not read, out of sight of max_buffer; a fixed size keeps the bound tight.
+            sock = getattr(protocol.transport, "socket", None)
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_send_buffer)
 
     @classmethod
-    def wrap(cls, send: AsgiSend, max_buffer: int) -> DaphneTransport | None:
+    def wrap(cls, send: AsgiSend, max_buffer: int, socket_send_buffer: int = 0) -> DaphneTransport | None:
         """The transport behind daphne's ``send`` (``partial(server.handle_reply, protocol)``)."""
         if not isinstance(send, functools.partial) or len(send.args) != 1:
             return None
@@ -52,7 +59,7 @@ class DaphneTransport:
         protocol = send.args[0]
         if not hasattr(server, "connections") or not hasattr(protocol, "sendMessage"):
             return None
-        return cls(protocol, server, max_buffer)
+        return cls(protocol, server, max_buffer, socket_send_buffer)
 
     def _open(self) -> bool:
         details = self.server.connections.get(self.protocol)
@@ -150,9 +157,13 @@ class QueuedTransport:
 _announced = False
 
 
-def transport_for(send: AsgiSend, *, max_buffer_bytes: int, max_queued_messages: int) -> Transport:
+def transport_for(
+    send: AsgiSend, *, max_buffer_bytes: int, max_queued_messages: int, socket_send_buffer: int = 0
+) -> Transport:
     global _announced
-    transport = DaphneTransport.wrap(send, max_buffer_bytes) or QueuedTransport(send, max_queued_messages)
+    transport = DaphneTransport.wrap(send, max_buffer_bytes, socket_send_buffer) or QueuedTransport(
+        send, max_queued_messages
+    )
     if not _announced:
         _announced = True
         logger.info("websocket frames are written by %s", type(transport).__name__)
