@@ -123,7 +123,18 @@ async def test_twenty_processes_on_five_workers_reach_every_client(servers):
         await listing.close()
 
 
+def redis_clients(url: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return len(client.client_list()) - 1  # not counting this one
+    finally:
+        client.close()
+
+
 async def test_sigterm_closes_every_client_with_1001_and_exits(database, redis_url):
+    redis_clients_before = redis_clients(redis_url)
     server = DaphneServer(database.url, redis_url).start()
     # Five one-second steps: still running when SIGTERM comes after the 200 clients connected.
     process_id = await start_process(server, "long_running", [{"step_delay": 1.0}])
@@ -146,6 +157,8 @@ async def test_sigterm_closes_every_client_with_1001_and_exits(database, redis_u
     assert codes == [1001] * 200, {code: codes.count(code) for code in set(codes)}
     assert "closing 200 websockets with 1001" in server.log
     assert "Traceback" not in server.log, server.log[-3000:]
+    # The stopped instance left nothing in Redis: no subscription, no connection.
+    assert redis_clients(redis_url) == redis_clients_before
 
     # The worker stopped at a step boundary, leaving the process resumable: the next server to
     # start picks it up and finishes it, with every step logged once.
