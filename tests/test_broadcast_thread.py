@@ -70,3 +70,19 @@ async def test_list_updates_of_one_process_are_coalesced(channel_layer):
     assert await sync_to_async(thread.stop)(10)
     # The first change at once, the 29 that followed within the window as one message.
     assert len(listing.messages) == 2
+
+
+async def test_stop_drains_the_queue_before_the_thread_ends(channel_layer):
+    ids = await sync_to_async(make_processes)(3)
+    listing = Member()
+    await joined(channel_layer, messages.PROCESS_LIST_GROUP, listing)
+    thread = ProcessDataBroadcastThread(channel_layer, list_coalesce_seconds=0.5)
+    thread.start()
+    for n in range(300):
+        thread.broadcast_process(ids[n % 3], status="suspended")
+    assert await sync_to_async(thread.stop)(10)
+    # Every queued update went out: each process's first change at once, the 99 that followed
+    # in its coalescing window flushed as one message when the thread stopped.
+    await wait_for(lambda: len(listing.messages) >= 6, timeout=5)
+    assert thread.queue.empty() and len(listing.messages) == 6
+    assert {m["text"].split('"process_id":"')[1][:36] for m in listing.messages} == {str(i) for i in ids}
