@@ -74,15 +74,19 @@ async def test_list_updates_of_one_process_are_coalesced(channel_layer):
 
 async def test_stop_drains_the_queue_before_the_thread_ends(channel_layer):
     ids = await sync_to_async(make_processes)(3)
-    listing = Member()
+    listing, details = Member(), [Member() for _ in ids]
     await joined(channel_layer, messages.PROCESS_LIST_GROUP, listing)
+    for process_id, member in zip(ids, details, strict=True):
+        await joined(channel_layer, messages.process_detail_group(process_id), member)
     thread = ProcessDataBroadcastThread(channel_layer, list_coalesce_seconds=0.5)
     thread.start()
     for n in range(300):
         thread.broadcast_process(ids[n % 3], status="suspended")
     assert await sync_to_async(thread.stop)(10)
-    # Every queued update went out: each process's first change at once, the 99 that followed
-    # in its coalescing window flushed as one message when the thread stopped.
+    # Every queued update went out before the thread ended: 100 detail messages per process...
+    await wait_for(lambda: all(len(member.messages) == 100 for member in details), timeout=5)
+    assert thread.queue.empty()
+    # ...and the coalesced list updates were flushed, each process's latest state included.
     await wait_for(lambda: len(listing.messages) >= 6, timeout=5)
-    assert thread.queue.empty() and len(listing.messages) == 6
-    assert {m["text"].split('"process_id":"')[1][:36] for m in listing.messages} == {str(i) for i in ids}
+    assert {m["text"].split('"process_id":"')[1][:36] for m in listing.messages[-3:]} == {str(i) for i in ids}
+    assert len(listing.messages) < 100, "the list was not coalesced"
