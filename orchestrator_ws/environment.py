@@ -47,10 +47,14 @@ class Environment(BaseSettings):
     WS_MAX_CONNECTIONS_PER_IP: int = Field(default=1000, ge=0)
     WS_MAX_CONNECTIONS_PER_TOKEN: int = Field(default=200, ge=0)
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Python modules whose import registers workflows.
+    WORKFLOW_MODULES: CommaList = Field(default_factory=lambda: ["processes.demo_workflows"])
     PROCESS_LIST_COALESCE_MS: int = Field(default=100, ge=0, le=60_000)
     BROADCAST_QUEUE_SIZE: int = Field(default=10_000, ge=1)
 
-    @field_validator("DJANGO_ALLOWED_HOSTS", "WS_AUTH_TOKENS", "WS_ALLOWED_ORIGINS", mode="before")
+    @field_validator(
+        "DJANGO_ALLOWED_HOSTS", "WS_AUTH_TOKENS", "WS_ALLOWED_ORIGINS", "WORKFLOW_MODULES", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

@@ -127,7 +127,7 @@ PROCESS_LIST_COALESCE_SECONDS = ENV.PROCESS_LIST_COALESCE_MS / 1000
 # Worker threads that execute processes inside each server process.
 MAX_WORKERS = ENV.MAX_WORKERS
 # Python modules whose import registers workflows (see processes.workflow.register).
-WORKFLOW_MODULES = ["processes.demo_workflows"]
+WORKFLOW_MODULES = ENV.WORKFLOW_MODULES
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -187,7 +187,6 @@ class ProcessDataBroadcastThread(threading.Thread):
                 updates.append(self.queue.get_nowait())
         except queue.Empty:
             pass
-        BROADCAST_QUEUE_DEPTH.set(self.queue.qsize())
         stopping = _STOP in updates
         return [u for u in updates if u is not _STOP], stopping
 
@@ -322,6 +321,7 @@ def start_broadcast_thread(channel_layer) -> ProcessDataBroadcastThread:
             list_coalesce_seconds=settings.PROCESS_LIST_COALESCE_SECONDS,
         )
         _thread.start()
+        BROADCAST_QUEUE_DEPTH.set_function(_thread.queue.qsize)
     return _thread
 
 

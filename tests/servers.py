@@ -171,6 +171,15 @@ class DaphneServer:
         self.env = server_environment(database_url, redis_url, **extra_env)
         self.log_path = Path(tempfile.mkstemp(prefix=f"daphne-{self.port}-", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
+        self.command = [
+            sys.executable,
+            "-m",
+            "orchestrator_ws.server",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+        ]
 
     @property
     def http(self) -> str:
@@ -183,7 +192,7 @@ class DaphneServer:
     def start(self) -> DaphneServer:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator_ws.server", "-b", "127.0.0.1", "-p", str(self.port)],
+                self.command,
                 cwd=PROJECT_DIR,
                 env=self.env,
                 stdout=log,

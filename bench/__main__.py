@@ -1,0 +1,397 @@
+"""Fan-out benchmark: the project's layer against channels_redis's stock layers and a raw ASGI
+reference, side by side, on daphne, driven through the real worker path.
+
+    python -m bench                    # the comparison table (about two minutes)
+    python -m bench --quick --check    # CI's smoke run: small, fails on any lost message
+    python -m bench idle               # 10,000 idle connections on one daphne: RSS and CPU
+    python -m bench coalesce           # what list coalescing saves with 200 processes at once
+    python -m bench enqueue            # what a worker pays to enqueue a broadcast
+
+For each layer the benchmark starts a private Redis, N daphne processes on free ports sharing
+one SQLite database, and C clients spread over several client processes (bench/client.py), all
+following the process-list group. Then:
+
+1. burst: P processes of ``bench_ticks`` (20 steps, no delay) start at once; every step is a
+   list message that each client must receive. Deliveries/s = messages received by all
+   clients / time from the start to the last delivery. (The raw reference gets the same number
+   of messages, of the same size, published straight to Redis.)
+2. latency: half the burst's message rate, sustained for a few seconds through the same path;
+   latency = arrival at the client minus the change's commit time (``last_modified_at``), which
+   the worker stamps just before it enqueues the broadcast.
+
+Loss is counted from the per-group ``seq`` where frames carry it (the project, raw), and from
+counts everywhere: a client that got fewer messages than were sent lost the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import psutil
+import redis
+
+from bench import LIST_MESSAGES_PER_PROCESS
+from bench.raw_fanout import CHANNEL as RAW_CHANNEL
+from tests.servers import PROJECT_DIR, DaphneServer, RedisServer, TemporaryDatabase
+
+LAYERS = {
+    "project": {"CHANNEL_LAYER": "fanout"},
+    "stock RedisChannelLayer": {"CHANNEL_LAYER": "redis"},
+    "stock RedisPubSubChannelLayer": {"CHANNEL_LAYER": "redis-pubsub"},
+    "raw ASGI reference": None,
+}
+SERVER_ENV = {
+    "PROCESS_LIST_COALESCE_MS": "0",  # every step is a list message (coalescing is measured apart)
+    "MAX_WORKERS": "10",
+    "WS_MAX_CONNECTIONS_PER_IP": "0",
+    "LOG_LEVEL": "WARNING",
+    "WORKFLOW_MODULES": "processes.demo_workflows,bench.workflows",
+}
+
+
+@dataclass
+class Result:
+    layer: str
+    deliveries_per_s: float = 0.0
+    burst_sent: int = 0
+    burst_received: int = 0
+    latency_rate: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    latency_sent: int = 0
+    latency_received: int = 0
+    seq_gaps: int = 0
+    rss_per_connection_kb: float = 0.0
+    cpu_percent: float = 0.0
+    closed: int = 0
+
+    def quantile(self, q: float) -> float:
+        if len(self.latencies) < 2:
+            return math.nan
+        return statistics.quantiles(self.latencies, n=100)[int(q * 100) - 1] * 1000
+
+    @property
+    def lost(self) -> int:
+        return max(0, self.burst_sent - self.burst_received) + max(
+            0, self.latency_sent - self.latency_received
+        )
+
+
+class ClientProcess:
+    """One bench/client.py process and its command pipe."""
+
+    def __init__(self, urls: list[str], connections: int, origin: str):
+        command = [
+            sys.executable,
+            "-m",
+            "bench.client",
+            "--connections",
+            str(connections),
+            "--origin",
+            origin,
+        ]
+        for url in urls:
+            command += ["--url", url]
+        self.process = subprocess.Popen(
+            command, cwd=PROJECT_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def expect(self, word: str) -> None:
+        line = self.process.stdout.readline().strip()
+        if line != word:
+            raise RuntimeError(f"client process said {line!r}, expected {word}")
+
+    def command(self, word: str) -> str:
+        self.process.stdin.write(word + "\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline()
+
+    def report(self) -> dict:
+        return json.loads(self.command("REPORT"))
+
+    def quit(self) -> None:
+        with contextlib.suppress(BrokenPipeError):
+            self.process.stdin.write("QUIT\n")
+            self.process.stdin.flush()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+class Fleet:
+    """All client processes together."""
+
+    def __init__(self, urls: list[str], connections: int, processes: int, origin: str):
+        share = [connections // processes + (i < connections % processes) for i in range(processes)]
+        self.clients = [ClientProcess(urls, n, origin) for n in share if n]
+        for client in self.clients:
+            client.expect("READY")
+
+    def reset(self) -> None:
+        for client in self.clients:
+            client.command("RESET")
+
+    def reports(self) -> list[dict]:
+        return [client.report() for client in self.clients]
+
+    def wait_for(self, expected: int, timeout: float, quiet: float = 3.0) -> list[dict]:
+        """Until ``expected`` frames arrived in all, or nothing arrived for ``quiet`` seconds."""
+        deadline = time.monotonic() + timeout
+        last_total, last_change = -1, time.monotonic()
+        while True:
+            reports = self.reports()
+            total = sum(r["received"] for r in reports)
+            now = time.monotonic()
+            if total != last_total:
+                last_total, last_change = total, now
+            if total >= expected or now - last_change > quiet or now > deadline:
+                return reports
+            time.sleep(0.2)
+
+    def quit(self) -> None:
+        for client in self.clients:
+            client.quit()
+
+
+def cpu_seconds(servers: list[DaphneServer]) -> float:
+    total = 0.0
+    for server in servers:
+        times = psutil.Process(server.process.pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def rss(servers: list[DaphneServer]) -> int:
+    return sum(psutil.Process(server.process.pid).memory_info().rss for server in servers)
+
+
+def start_processes(servers: list[DaphneServer], count: int, interval: float) -> None:
+    """``count`` bench_ticks processes, spread over the servers, started concurrently."""
+    body = json.dumps([{"interval": interval}]).encode()
+
+    def one(index: int) -> None:
+        status, payload = servers[index % len(servers)].request("POST", "/api/processes/bench_ticks", body)
+        if status != 201:
+            raise RuntimeError(f"starting a process failed: {status} {payload[:200]!r}")
+
+    with ThreadPoolExecutor(max_workers=min(count, 16)) as pool:
+        list(pool.map(one, range(count)))
+
+
+RAW_TEMPLATE = None
+
+
+def raw_message(seq: int) -> str:
+    """A frame the size and shape of a project list frame, stamped now."""
+    global RAW_TEMPLATE
+    if RAW_TEMPLATE is None:
+        summary = {
+            "process_id": "00000000-0000-4000-8000-000000000000",
+            "workflow_name": "bench_ticks",
+            "workflow_target": "SYSTEM",
+            "is_task": True,
+            "last_status": "running",
+            "last_step": "Tick 10",
+            "assignee": "SYSTEM",
+            "failed_reason": None,
+            "created_by": "anonymous",
+            "started_at": "2026-11-28T00:00:00.000000+00:00",
+            "last_modified_at": "@STAMP@",
+            "id": "00000000-0000-4000-8000-000000000000",
+            "status": "running",
+            "step": "Tick 10",
+        }
+        RAW_TEMPLATE = json.dumps({"process": summary}, separators=(",", ":"))[1:]
+    stamp = datetime.now(UTC).isoformat()
+    return f'{{"seq":{seq},' + RAW_TEMPLATE.replace("@STAMP@", stamp)
+
+
+class RawPublisher:
+    """Publishes reference frames straight to Redis, flat out or at a rate."""
+
+    def __init__(self, url: str):
+        self.client = redis.Redis.from_url(url)
+        self.seq = 0
+
+    def publish(self, count: int, rate: float | None = None) -> None:
+        began = time.monotonic()
+        for n in range(count):
+            if rate:
+                delay = began + n / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            self.seq += 1
+            self.client.publish(RAW_CHANNEL, raw_message(self.seq))
+
+
+def run_layer(name: str, args) -> Result:
+    result = Result(name)
+    layer_env = LAYERS[name]
+    redis_server = RedisServer().start()
+    database = TemporaryDatabase().create() if layer_env is not None else None
+    servers: list[DaphneServer] = []
+    fleet = None
+    try:
+        for _ in range(args.servers):
+            if layer_env is None:
+                server = DaphneServer("sqlite://:memory:", redis_server.url)
+                server.command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(server.port)]
+                server.command.append("bench.raw_fanout:application")
+            else:
+                server = DaphneServer(database.url, redis_server.url, **SERVER_ENV, **layer_env)
+            servers.append(server.start())
+        path = "/" if layer_env is None else "/api/processes/all/"
+        urls = [f"{server.ws}{path}" for server in servers]
+        rss_before = rss(servers)
+        fleet = Fleet(urls, args.clients, args.client_processes, servers[0].http)
+        time.sleep(1)
+        result.rss_per_connection_kb = (rss(servers) - rss_before) / args.clients / 1024
+        publisher = RawPublisher(redis_server.url) if layer_env is None else None
+
+        # 1. burst
+        messages = args.burst_processes * LIST_MESSAGES_PER_PROCESS
+        fleet.reset()
+        began, cpu_began = time.time(), cpu_seconds(servers)
+        if publisher is not None:
+            publisher.publish(messages)
+        else:
+            start_processes(servers, args.burst_processes, 0.0)
+        reports = fleet.wait_for(messages * args.clients, timeout=args.burst_timeout)
+        last = max((r["last_at"] or began) for r in reports)
+        elapsed = max(last - began, 1e-6)
+        result.cpu_percent = (cpu_seconds(servers) - cpu_began) / elapsed / len(servers) * 100
+        result.burst_sent = messages * args.clients
+        result.burst_received = sum(r["received"] for r in reports)
+        result.deliveries_per_s = result.burst_received / elapsed
+        result.seq_gaps += sum(r["gaps"] for r in reports)
+        time.sleep(1)
+
+        # 2. latency at half the burst's message rate
+        rate = max(0.5, 0.5 * result.deliveries_per_s / args.clients)  # messages per second
+        result.latency_rate = rate
+        fleet.reset()
+        if publisher is not None:
+            sent = int(rate * args.latency_seconds)
+            publisher.publish(sent, rate)
+        else:
+            processes = max(1, math.ceil(rate * args.latency_seconds / LIST_MESSAGES_PER_PROCESS))
+            sent = processes * LIST_MESSAGES_PER_PROCESS
+            start_processes(servers, processes, processes / rate)
+        reports = fleet.wait_for(sent * args.clients, timeout=args.latency_seconds * 4 + 10)
+        result.latency_sent = sent * args.clients
+        result.latency_received = sum(r["received"] for r in reports)
+        result.latencies = [latency for r in reports for latency in r["latencies"]]
+        result.seq_gaps += sum(r["gaps"] for r in reports)
+        result.closed = max(r["closed"] for r in reports)
+    finally:
+        if fleet is not None:
+            fleet.quit()
+        for server in servers:
+            server.stop()
+        redis_server.stop()
+        if database is not None:
+            database.drop()
+    return result
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = psutil.virtual_memory().total / 2**30
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def print_table(results: list[Result], args) -> None:
+    by_name = {r.layer: r for r in results}
+    stock = by_name.get("stock RedisChannelLayer")
+    raw = by_name.get("raw ASGI reference")
+    print()
+    print(
+        f"{args.clients} clients on the process-list group, {args.servers} daphne processes, "
+        f"{args.client_processes} client processes; {machine()}"
+    )
+    print()
+    print(
+        "| layer | deliveries/s | vs stock RedisChannelLayer | vs raw | latency at msgs/s | p50 ms "
+        "| p95 ms | p99 ms | lost | seq gaps | RSS/conn KB | server CPU % |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        vs_stock = (
+            f"{r.deliveries_per_s / stock.deliveries_per_s:.1f}x" if stock and stock.deliveries_per_s else "-"
+        )
+        vs_raw = f"{r.deliveries_per_s / raw.deliveries_per_s:.2f}x" if raw and raw.deliveries_per_s else "-"
+        print(
+            f"| {r.layer} | {r.deliveries_per_s:,.0f} | {vs_stock} | {vs_raw} | {r.latency_rate:.1f} | "
+            f"{r.quantile(0.50):.1f} | {r.quantile(0.95):.1f} | {r.quantile(0.99):.1f} | {r.lost:,} | "
+            f"{r.seq_gaps} | {r.rss_per_connection_kb:.1f} | {r.cpu_percent:.0f} |"
+        )
+    print()
+
+
+def fanout(args) -> int:
+    names = [n for n in LAYERS if n in args.layers] if args.layers else list(LAYERS)
+    results = []
+    for name in names:
+        print(f"== {name}", flush=True)
+        results.append(run_layer(name, args))
+    print_table(results, args)
+    if args.check:
+        lost = {r.layer: r.lost for r in results if r.lost or r.seq_gaps}
+        if lost:
+            print(f"LOSS: {lost}")
+            return 1
+        print("no message lost")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "mode", nargs="?", default="fanout", choices=["fanout", "idle", "coalesce", "enqueue"]
+    )
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--client-processes", type=int, default=4)
+    parser.add_argument("--burst-processes", type=int, default=4, help="each sends 23 list messages")
+    parser.add_argument("--burst-timeout", type=float, default=40)
+    parser.add_argument("--latency-seconds", type=float, default=5)
+    parser.add_argument("--layers", nargs="*", choices=list(LAYERS), help="default: all")
+    parser.add_argument("--connections", type=int, default=10_000, help="idle mode")
+    parser.add_argument("--processes", type=int, default=200, help="coalesce mode")
+    parser.add_argument("--quick", action="store_true", help="CI smoke: 40 clients, the project only")
+    parser.add_argument("--check", action="store_true", help="exit 1 if any message was lost")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.clients, args.client_processes, args.burst_processes = 40, 2, 2
+        args.latency_seconds = 2
+        args.layers = args.layers or ["project"]
+    os.chdir(PROJECT_DIR)
+    if args.mode == "fanout":
+        return fanout(args)
+    from bench import extra
+
+    return getattr(extra, args.mode)(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
