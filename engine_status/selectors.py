@@ -47,4 +47,7 @@ def get_engine_status() -> EngineStatus:
 
 
 def is_locked() -> bool:
-    return engine_settings().global_lock
+    """Asked at every step boundary: one indexed read; the row is created only when missing."""
+    rows = EngineSettings.objects.filter(pk=EngineSettings.SINGLETON_PK)
+    locked = rows.values_list("global_lock", flat=True).first()
+    return engine_settings().global_lock if locked is None else locked

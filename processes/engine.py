@@ -257,12 +257,11 @@ class _Run:
                 created_by=process.created_by,
                 **advance,
             )
-        attempt = (
-            1
-            + ProcessStep.objects.filter(
+        attempt = 1
+        if step.wants_attempt:
+            attempt += ProcessStep.objects.filter(
                 process=process, name=step.name, status__in=[StepStatus.FAILED, StepStatus.WAITING]
             ).count()
-        )
         try:
             delta = step.run(process.state, attempt)
         except StepWaiting as exc:

@@ -129,6 +129,23 @@ def process_detail_frame(detail: Frame, step: Frame | None = None, status: str |
     return frame
 
 
+def process_detail_update(detail_text: str, step: Frame | None, status: str) -> dict[str, Any]:
+    """The group message of ``process_detail_frame(detail, step, status)``, around a detail
+    already encoded: the broadcast thread encodes a process's detail once for all the updates
+    of it in a batch. Same JSON, key for key (tests/test_messages.py holds them to it)."""
+    parts = ['{"process":', detail_text]
+    if step is not None:
+        parts += [',"step":', encode(step)]
+    closing = status not in ACTIVE_STATUSES
+    if closing:
+        parts.append(',"close":true')
+    parts.append("}")
+    message: dict[str, Any] = {"type": "group.frame", "text": "".join(parts)}
+    if closing:
+        message["close"] = True
+    return message
+
+
 def engine_status_frame(status: EngineStatus) -> Frame:
     return {"engine-status": status.as_dict()}
 

@@ -42,9 +42,10 @@ from orchestrator_ws.realtime.metrics import (
     group_kind,
 )
 from orchestrator_ws.realtime.outage import OutageLog
+from orchestrator_ws.realtime.protocol import encode
 from processes import messages, selectors
 from processes.engine import BroadcastFunc, no_broadcast
-from processes.models import ProcessStatus
+from processes.models import Process, ProcessStatus, ProcessStep
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,15 @@ class ProcessUpdate:
 class EngineStatusUpdate:
     lock_changed: bool
     enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class _ProcessView:
+    """A process as one batch sees it: read once, its detail encoded once."""
+
+    process: Process
+    detail_text: str
+    steps: dict[uuid.UUID, ProcessStep]
 
 
 _STOP = object()
@@ -191,22 +201,43 @@ class ProcessDataBroadcastThread(threading.Thread):
         return [u for u in updates if u is not _STOP], stopping
 
     def _build(self, updates: list, *, flush_list: bool = False) -> GroupMessages:
-        """The group messages for a batch of updates, in order."""
+        """The group messages for a batch of updates, in order.
+
+        Each process changed in the batch is read once (its row and its steps: two queries
+        for the whole batch) and its detail encoded once; every update of it still gets its
+        own detail message, carrying the step it announces.
+        """
         close_old_connections()
         out: GroupMessages = [(group, messages.RESYNC_MESSAGE) for group in self._take_lost_groups()]
+        process_updates = [u for u in updates if isinstance(u, ProcessUpdate)]
         engine_updates = [u for u in updates if isinstance(u, EngineStatusUpdate)]
-        for update in updates:
-            if isinstance(update, ProcessUpdate):
-                try:
-                    out.extend(self._process_messages(update))
-                except Exception:
-                    logger.exception("building the broadcast of process %s failed", update.process_id)
+        try:
+            views = self._read({u.process_id for u in process_updates if not u.deleted})
+        except Exception:
+            logger.exception("reading the processes of a broadcast batch failed")
+            views = {}
+        for update in process_updates:
+            try:
+                out.extend(self._process_messages(update, views.get(update.process_id)))
+            except Exception:
+                logger.exception("building the broadcast of process %s failed", update.process_id)
         if engine_updates:
             out.extend(self._engine_messages(any(u.lock_changed for u in engine_updates)))
         out.extend(self._due_list_messages(flush=flush_list))
         return out
 
-    def _process_messages(self, update: ProcessUpdate) -> GroupMessages:
+    @staticmethod
+    def _read(process_ids) -> dict[uuid.UUID, _ProcessView]:
+        views = {}
+        for process, steps in selectors.processes_with_steps(process_ids).values():
+            views[process.pk] = _ProcessView(
+                process=process,
+                detail_text=encode(messages.process_detail(process, steps)),
+                steps={step.step_id: step for step in steps},
+            )
+        return views
+
+    def _process_messages(self, update: ProcessUpdate, view: _ProcessView | None) -> GroupMessages:
         pid = update.process_id
         detail_group = messages.process_detail_group(pid)
         events = [
@@ -224,17 +255,16 @@ class ProcessDataBroadcastThread(threading.Thread):
                 (detail_group, messages.group_message(messages.process_detail_frame(gone))),
                 *events,
             ]
-        process = selectors.get_process(pid)
-        if process is None:
+        if view is None:
             return []  # deleted meanwhile; the delete's own update announces it
-        step = selectors.get_step(update.step_id) if update.step_id else None
-        detail = messages.process_detail_frame(
-            selectors.process_detail(process),
+        step = view.steps.get(update.step_id) if update.step_id else None
+        detail = messages.process_detail_update(
+            view.detail_text,
             messages.process_step(step) if step is not None else None,
-            update.status,
+            update.status or view.process.last_status,
         )
-        out = [(detail_group, messages.group_message(detail))]
-        out.extend(self._list_message(process))
+        out = [(detail_group, detail)]
+        out.extend(self._list_message(view.process))
         if update.step_id is not None or update.status == ProcessStatus.RESUMED:
             out.extend(events)
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 
 from django.db.models import QuerySet
 
@@ -23,8 +24,17 @@ def get_process_detail(process_id: uuid.UUID) -> messages.Frame | None:
     return process_detail(process) if process is not None else None
 
 
-def get_step(step_id: uuid.UUID) -> ProcessStep | None:
-    return ProcessStep.objects.filter(step_id=step_id).first()
+def processes_with_steps(
+    process_ids: Iterable[uuid.UUID],
+) -> dict[uuid.UUID, tuple[Process, list[ProcessStep]]]:
+    """Processes with their logged steps in order, in two queries however many they are."""
+    process_ids = list(process_ids)
+    found: dict[uuid.UUID, tuple[Process, list[ProcessStep]]] = {
+        process.pk: (process, []) for process in Process.objects.filter(pk__in=process_ids)
+    }
+    for step in ProcessStep.objects.filter(process_id__in=list(found)).order_by("id"):
+        found[step.process_id][1].append(step)
+    return found
 
 
 def list_processes(*, status: str | None = None, workflow: str | None = None) -> QuerySet[Process]:

@@ -76,6 +76,14 @@ class Step:
     def is_input(self) -> bool:
         return self.form is not None
 
+    @property
+    def wants_attempt(self) -> bool:
+        """Whether the function takes ``attempt`` (counting attempts costs a query)."""
+        if self.func is None:
+            return False
+        params = inspect.signature(self.func).parameters
+        return "attempt" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
     def run(self, state: State, attempt: int) -> State:
         """Call the step function with what it asks for; return the dict to merge."""
         if self.func is None:

@@ -150,15 +150,15 @@ async def test_one_percent_dropped_after_the_consumer_is_detected_by_the_client(
     check finds every one of them."""
     rng = random.Random(7)
     dropped = set()
-    send_text = QueuedTransport.send_text
+    send_frame = QueuedTransport.send_frame
 
-    def lossy_send_text(self, text):
-        if '"n":' in text and rng.random() < 0.01:
-            dropped.add(json.loads(text)["seq"])
+    def lossy_send_frame(self, frame):
+        if '"n":' in frame.text and rng.random() < 0.01:
+            dropped.add(json.loads(frame.text)["seq"])
             return True
-        return send_text(self, text)
+        return send_frame(self, frame)
 
-    monkeypatch.setattr(QueuedTransport, "send_text", lossy_send_text)
+    monkeypatch.setattr(QueuedTransport, "send_frame", lossy_send_frame)
     client = await connected("/api/processes/all/")
     total = 1500
     received = []

@@ -61,7 +61,7 @@ from orchestrator_ws.realtime.protocol import (
     error_frame,
     resync_frame,
 )
-from orchestrator_ws.realtime.transport import Transport, transport_for
+from orchestrator_ws.realtime.transport import TextFrame, Transport, transport_for
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
             # The sender lost messages of this group: start over from a fresh snapshot.
             self._start_sync(None, resync=True)
             return
-        if not self.transport.send_text(message["text"]):
+        if not self.transport.send_frame(TextFrame.of(message)):
             self._too_slow()
             return
         if message.get("close"):
