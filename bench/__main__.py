@@ -11,10 +11,12 @@ For each layer the benchmark starts a private Redis, N daphne processes on free 
 one SQLite database, and C clients spread over several client processes (bench/client.py), all
 following the process-list group. Then:
 
-1. burst: P processes of ``bench_ticks`` (20 steps, no delay) start at once; every step is a
+1. burst: P processes of ``bench_ticks`` (9 steps, no delay) start at once; every step is a
    list message that each client must receive. Deliveries/s = messages received by all
-   clients / time from the start to the last delivery. (The raw reference gets the same number
-   of messages, of the same size, published straight to Redis.)
+   clients / time from the start to the last delivery; a short burst is repeated and the best
+   of three counts. (The raw reference gets the same number of messages, of the same size,
+   published straight to Redis.) Bursts stay under 100 messages: the stock RedisChannelLayer
+   drops what exceeds a channel's capacity (100) by design, which is not what is measured.
 2. latency: half the burst's message rate, sustained for a few seconds through the same path;
    latency = arrival at the client minus the change's commit time (``last_modified_at``), which
    the worker stamps just before it enqueues the broadcast.
@@ -91,16 +93,9 @@ class Result:
 class ClientProcess:
     """One bench/client.py process and its command pipe."""
 
-    def __init__(self, urls: list[str], connections: int, origin: str):
-        command = [
-            sys.executable,
-            "-m",
-            "bench.client",
-            "--connections",
-            str(connections),
-            "--origin",
-            origin,
-        ]
+    def __init__(self, urls: list[str], connections: int, origin: str, heartbeat: float = 0):
+        command = [sys.executable, "-m", "bench.client", "--connections", str(connections)]
+        command += ["--origin", origin, "--heartbeat", str(heartbeat)]
         for url in urls:
             command += ["--url", url]
         self.process = subprocess.Popen(
@@ -133,9 +128,9 @@ class ClientProcess:
 class Fleet:
     """All client processes together."""
 
-    def __init__(self, urls: list[str], connections: int, processes: int, origin: str):
+    def __init__(self, urls: list[str], connections: int, processes: int, origin: str, heartbeat: float = 0):
         share = [connections // processes + (i < connections % processes) for i in range(processes)]
-        self.clients = [ClientProcess(urls, n, origin) for n in share if n]
+        self.clients = [ClientProcess(urls, n, origin, heartbeat) for n in share if n]
         for client in self.clients:
             client.expect("READY")
 
@@ -260,23 +255,28 @@ def run_layer(name: str, args) -> Result:
         result.rss_per_connection_kb = (rss(servers) - rss_before) / args.clients / 1024
         publisher = RawPublisher(redis_server.url) if layer_env is None else None
 
-        # 1. burst
+        # 1. burst: repeated while short, the best run counts (what the layer can do)
         messages = args.burst_processes * LIST_MESSAGES_PER_PROCESS
-        fleet.reset()
-        began, cpu_began = time.time(), cpu_seconds(servers)
-        if publisher is not None:
-            publisher.publish(messages)
-        else:
-            start_processes(servers, args.burst_processes, 0.0)
-        reports = fleet.wait_for(messages * args.clients, timeout=args.burst_timeout)
-        last = max((r["last_at"] or began) for r in reports)
-        elapsed = max(last - began, 1e-6)
-        result.cpu_percent = (cpu_seconds(servers) - cpu_began) / elapsed / len(servers) * 100
-        result.burst_sent = messages * args.clients
-        result.burst_received = sum(r["received"] for r in reports)
-        result.deliveries_per_s = result.burst_received / elapsed
-        result.seq_gaps += sum(r["gaps"] for r in reports)
-        time.sleep(1)
+        for _ in range(3):
+            fleet.reset()
+            began, cpu_began = time.time(), cpu_seconds(servers)
+            if publisher is not None:
+                publisher.publish(messages)
+            else:
+                start_processes(servers, args.burst_processes, 0.0)
+            reports = fleet.wait_for(messages * args.clients, timeout=args.burst_timeout)
+            last = max((r["last_at"] or began) for r in reports)
+            elapsed = max(last - began, 1e-6)
+            received = sum(r["received"] for r in reports)
+            result.burst_sent += messages * args.clients
+            result.burst_received += received
+            result.seq_gaps += sum(r["gaps"] for r in reports)
+            if received / elapsed > result.deliveries_per_s:
+                result.deliveries_per_s = received / elapsed
+                result.cpu_percent = (cpu_seconds(servers) - cpu_began) / elapsed / len(servers) * 100
+            time.sleep(1)
+            if elapsed > 5:
+                break
 
         # 2. latency at half the burst's message rate
         rate = max(0.5, 0.5 * result.deliveries_per_s / args.clients)  # messages per second
@@ -372,12 +372,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--servers", type=int, default=2)
     parser.add_argument("--client-processes", type=int, default=4)
-    parser.add_argument("--burst-processes", type=int, default=4, help="each sends 23 list messages")
+    parser.add_argument(
+        "--burst-processes", type=int, default=8, help=f"each sends {LIST_MESSAGES_PER_PROCESS} list messages"
+    )
     parser.add_argument("--burst-timeout", type=float, default=40)
     parser.add_argument("--latency-seconds", type=float, default=5)
     parser.add_argument("--layers", nargs="*", choices=list(LAYERS), help="default: all")
     parser.add_argument("--connections", type=int, default=10_000, help="idle mode")
+    parser.add_argument("--idle-seconds", type=float, default=30, help="idle mode: CPU measured over")
+    parser.add_argument("--heartbeat", type=float, default=30, help="idle mode: __ping__ every N s (0: none)")
     parser.add_argument("--processes", type=int, default=200, help="coalesce mode")
+    parser.add_argument("--enqueues", type=int, default=200_000, help="enqueue mode")
     parser.add_argument("--quick", action="store_true", help="CI smoke: 40 clients, the project only")
     parser.add_argument("--check", action="store_true", help="exit 1 if any message was lost")
     args = parser.parse_args(argv)

@@ -79,17 +79,31 @@ class Connection(WSListener):
 
 
 async def open_connections(urls: list[str], count: int, origin: str, stats: Stats) -> list[Connection]:
-    """``count`` connections spread over ``urls``, at most 100 handshakes in flight."""
-    gate = asyncio.Semaphore(100)
+    """``count`` connections spread over ``urls``, at most 50 handshakes in flight."""
+    gate = asyncio.Semaphore(50)
 
     async def one(index: int) -> Connection:
         async with gate:
             _, listener = await ws_connect(
-                lambda: Connection(stats), urls[index % len(urls)], extra_headers={"Origin": origin}
+                lambda: Connection(stats),
+                urls[index % len(urls)],
+                extra_headers={"Origin": origin},
+                # Thousands connecting at once queue in the server's listen backlog.
+                websocket_handshake_timeout=60,
             )
             return listener
 
     return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+async def heartbeat(connections: list[Connection], interval: float) -> None:
+    """Each connection pings every ``interval`` seconds, the pings spread evenly over it."""
+    pause = interval / max(1, len(connections))
+    while True:
+        for connection in connections:
+            if connection.transport is not None and connection.close_code is None:
+                connection.transport.send(WSMsgType.TEXT, b"__ping__")
+            await asyncio.sleep(pause)
 
 
 async def main() -> None:
@@ -98,10 +112,13 @@ async def main() -> None:
     parser.add_argument("--connections", type=int, required=True)
     parser.add_argument("--origin", default="http://127.0.0.1")
     parser.add_argument("--sample", type=int, default=20, help="parse one frame in N for latency")
+    parser.add_argument("--heartbeat", type=float, default=0, help="send __ping__ every N s")
     args = parser.parse_args()
 
     stats = Stats(args.sample)
     connections = await open_connections(args.url, args.connections, args.origin, stats)
+    if args.heartbeat:
+        asyncio.ensure_future(heartbeat(connections, args.heartbeat))
     print("READY", flush=True)
     loop = asyncio.get_running_loop()
     while True:

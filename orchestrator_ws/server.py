@@ -21,8 +21,9 @@ DAPHNE_DEFAULTS = [
     "--websocket_timeout", "-1",
     # Drop a client whose handshake stalls, instead of holding its socket for daphne's 20 s.
     "--websocket_connect_timeout", "10",
-    # Protocol-level keepalive pings; a dead peer is dropped after ping-timeout seconds.
-    "--ping-interval", "20",
+    # Protocol-level pings to a connection silent for ping-interval seconds (clients that send
+    # their __ping__ every 30 s never need one); a dead peer is dropped after ping-timeout.
+    "--ping-interval", "60",
     "--ping-timeout", "30",
     # Clients send only heartbeats: autobahn refuses anything this big before it is buffered
     # (the consumers' own limit, WS_MAX_CLIENT_MESSAGE_BYTES, is smaller still).

@@ -85,13 +85,13 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 def _channel_layer() -> dict:
     """The layer the websocket consumers and the broadcast thread share."""
     history = {"history_size": ENV.WS_HISTORY_SIZE, "history_ttl": ENV.WS_HISTORY_SECONDS}
+    # redis-py 8 caps a pool at 100 connections, which the stock layers exceed (and fail
+    # handshakes with "Too many connections") once hundreds of clients connect at once.
+    stock_hosts = [{"address": ENV.REDIS_URL, "max_connections": 2000}]
     if ENV.CHANNEL_LAYER == "redis":
-        return {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [ENV.REDIS_URL]}}
+        return {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": stock_hosts}}
     if ENV.CHANNEL_LAYER == "redis-pubsub":
-        return {
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": [ENV.REDIS_URL]},
-        }
+        return {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer", "CONFIG": {"hosts": stock_hosts}}
     if ENV.REDIS_URL:
         return {
             "BACKEND": "orchestrator_ws.realtime.redis_layer.RedisFanoutLayer",

@@ -104,6 +104,9 @@ class Hub:
     def __init__(self, queue_for: Callable[[str], asyncio.Queue]) -> None:
         self.groups: dict[str, dict[str, None]] = {}
         self.members: dict[str, GroupMember] = {}
+        # The seq of each subscribed group's latest message here (dispatched or read at
+        # subscription): a joining member starts after it without asking the store.
+        self.latest: dict[str, int] = {}
         # Channels without a member get group messages through their queue (stock consumers).
         self.queue_for = queue_for
 
@@ -123,6 +126,7 @@ class Hub:
         if channels:
             return False
         del self.groups[group]
+        self.latest.pop(group, None)
         return True
 
     def dispatch(self, group: str, seq: int, message: Message) -> None:
@@ -130,6 +134,7 @@ class Hub:
         channels = self.groups.get(group)
         if not channels:
             return
+        self.latest[group] = seq
         stamped = stamp(message, seq)
         MESSAGES_FANNED_OUT.labels(group_kind(group)).inc(len(channels))
         for channel in list(channels):
@@ -287,6 +292,15 @@ class FanoutChannelLayer(BaseChannelLayer):
     async def group_seq(self, group: str) -> int:
         """The sequence number of the group's latest message (0 before the first)."""
         return (await self.group_history(group, None)).seq
+
+    async def join_seq(self, group: str) -> int:
+        """Where a member joining now starts: every message after it reaches the member.
+
+        Call after ``group_add`` (and ``attach``): the hub knows the seq of the last message it
+        dispatched for a subscribed group, so a join costs no round trip to the store.
+        """
+        known = self.hub.latest.get(group)
+        return known if known is not None else await self.group_seq(group)
 
     async def group_history(self, group: str, after: int | None) -> History:
         """The group's current seq and, unless ``after`` is None, the messages after ``after``."""

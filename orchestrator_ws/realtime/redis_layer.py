@@ -76,7 +76,7 @@ class RedisFanoutLayer(FanoutChannelLayer):
         command_timeout: float = 2.0,
         ping_interval: float = 2.0,
         seq_ttl: float = 86400,
-        max_connections: int = 20,
+        max_connections: int = 64,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -210,8 +210,14 @@ class RedisFanoutLayer(FanoutChannelLayer):
         try:
             async with asyncio.timeout(self.command_timeout):
                 await asyncio.shield(confirmed)
-        except TimeoutError:
+                # Subscribed: from here every message reaches the hub, so the seq read now (or
+                # a later one the hub dispatches) is where the group stands for joiners.
+                seq = await self.group_seq(group)
+        except (TimeoutError, *_FAILURES):
             logger.debug("subscription to %s not confirmed yet; continuing", channel)
+            return
+        if group in self.hub.groups:
+            self.hub.latest[group] = max(seq, self.hub.latest.get(group, 0))
 
     async def _unsubscribe(self, group: str) -> None:
         if self._pubsub is not None:
@@ -245,6 +251,7 @@ class RedisFanoutLayer(FanoutChannelLayer):
                         len(self.hub.groups),
                     )
                 if connected_before:
+                    self.hub.latest.clear()  # the store may have restarted: ask it again
                     self.hub.lost(self.hub.groups)
                 connected_before = True
                 outage_since = None
