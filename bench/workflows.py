@@ -15,13 +15,16 @@ from processes.workflow import Form, Target, Workflow, done, register, step
 
 class TicksForm(Form):
     interval: float = Field(default=0.0, ge=0, le=10, description="seconds between ticks")
+    start_at: float = Field(default=0.0, ge=0, description="epoch time of the first tick (0: now)")
 
 
 def _tick(index: int):
     @step(f"Tick {index}")
-    def tick(interval: float) -> dict:
-        if interval:
-            time.sleep(interval)
+    def tick(interval: float, start_at: float) -> dict:
+        # All processes of a burst tick from the same moment, however long starting them took.
+        wait = start_at - time.time() if index == 1 else interval
+        if wait > 0:
+            time.sleep(wait)
         return {"ticks": index}
 
     return tick

@@ -73,7 +73,7 @@ class _ProcessView:
     """A process as one batch sees it: read once, its detail encoded once."""
 
     process: Process
-    detail_text: str
+    detail_text: str | None  # None: nobody watches its detail, it was not built
     steps: dict[uuid.UUID, ProcessStep]
 
 
@@ -103,6 +103,7 @@ class ProcessDataBroadcastThread(threading.Thread):
         # Process list coalescing: when each process's window ends, and whether it changed since.
         self._list_window_ends: dict[uuid.UUID, float] = {}
         self._list_changed: set[uuid.UUID] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- producer side (any thread) -------------------------------------------------------------
 
@@ -164,7 +165,7 @@ class ProcessDataBroadcastThread(threading.Thread):
     # --- the thread -----------------------------------------------------------------------------
 
     def run(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = self._loop = asyncio.new_event_loop()
         try:
             while True:
                 updates, stopping = self._next_batch()
@@ -206,13 +207,20 @@ class ProcessDataBroadcastThread(threading.Thread):
         Each process changed in the batch is read once (its row and its steps: two queries
         for the whole batch) and its detail encoded once; every update of it still gets its
         own detail message, carrying the step it announces.
+
+        Most processes have no detail page open anywhere. For those the detail (all steps,
+        the costliest read and encoding here) is not built: the group gets a ``group.resync``
+        in its place, which still takes a seq, so a page that opens meanwhile or replays across
+        it reloads the detail instead of missing the change.
         """
         close_old_connections()
         out: GroupMessages = [(group, messages.RESYNC_MESSAGE) for group in self._take_lost_groups()]
         process_updates = [u for u in updates if isinstance(u, ProcessUpdate)]
         engine_updates = [u for u in updates if isinstance(u, EngineStatusUpdate)]
+        changed = {u.process_id for u in process_updates if not u.deleted}
+        watched = self._watched(changed)
         try:
-            views = self._read({u.process_id for u in process_updates if not u.deleted})
+            views = self._read(changed, watched)
         except Exception:
             logger.exception("reading the processes of a broadcast batch failed")
             views = {}
@@ -226,15 +234,28 @@ class ProcessDataBroadcastThread(threading.Thread):
         out.extend(self._due_list_messages(flush=flush_list))
         return out
 
+    def _watched(self, process_ids: set[uuid.UUID]) -> set[uuid.UUID]:
+        """The processes whose detail group has a subscriber on some server (all, if unknown)."""
+        watched = getattr(self.channel_layer, "watched", None)
+        if watched is None or not process_ids:
+            return set(process_ids)
+        groups = {messages.process_detail_group(pid): pid for pid in process_ids}
+        try:
+            return {groups[g] for g in self._loop.run_until_complete(watched(list(groups)))}
+        except Exception:
+            return set(process_ids)  # the send will tell whether the layer is down
+
     @staticmethod
-    def _read(process_ids) -> dict[uuid.UUID, _ProcessView]:
+    def _read(process_ids: set[uuid.UUID], watched: set[uuid.UUID]) -> dict[uuid.UUID, _ProcessView]:
         views = {}
-        for process, steps in selectors.processes_with_steps(process_ids).values():
+        for process, steps in selectors.processes_with_steps(process_ids & watched).values():
             views[process.pk] = _ProcessView(
                 process=process,
                 detail_text=encode(messages.process_detail(process, steps)),
                 steps={step.step_id: step for step in steps},
             )
+        for process in selectors.processes(process_ids - watched):
+            views[process.pk] = _ProcessView(process=process, detail_text=None, steps={})
         return views
 
     def _process_messages(self, update: ProcessUpdate, view: _ProcessView | None) -> GroupMessages:
@@ -257,12 +278,15 @@ class ProcessDataBroadcastThread(threading.Thread):
             ]
         if view is None:
             return []  # deleted meanwhile; the delete's own update announces it
-        step = view.steps.get(update.step_id) if update.step_id else None
-        detail = messages.process_detail_update(
-            view.detail_text,
-            messages.process_step(step) if step is not None else None,
-            update.status or view.process.last_status,
-        )
+        if view.detail_text is None:
+            detail = messages.RESYNC_MESSAGE  # nobody watches it: see _build
+        else:
+            step = view.steps.get(update.step_id) if update.step_id else None
+            detail = messages.process_detail_update(
+                view.detail_text,
+                messages.process_step(step) if step is not None else None,
+                update.status or view.process.last_status,
+            )
         out = [(detail_group, detail)]
         out.extend(self._list_message(view.process))
         if update.step_id is not None or update.status == ProcessStatus.RESUMED:

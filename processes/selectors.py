@@ -24,6 +24,10 @@ def get_process_detail(process_id: uuid.UUID) -> messages.Frame | None:
     return process_detail(process) if process is not None else None
 
 
+def processes(process_ids: Iterable[uuid.UUID]) -> QuerySet[Process]:
+    return Process.objects.filter(pk__in=list(process_ids))
+
+
 def processes_with_steps(
     process_ids: Iterable[uuid.UUID],
 ) -> dict[uuid.UUID, tuple[Process, list[ProcessStep]]]:

@@ -90,3 +90,20 @@ async def test_stop_drains_the_queue_before_the_thread_ends(channel_layer):
     await wait_for(lambda: len(listing.messages) >= 6, timeout=5)
     assert {m["text"].split('"process_id":"')[1][:36] for m in listing.messages[-3:]} == {str(i) for i in ids}
     assert len(listing.messages) < 100, "the list was not coalesced"
+
+
+async def test_an_unwatched_detail_gets_a_resync_marker_instead_of_its_detail(channel_layer):
+    watched_id, unwatched_id = await sync_to_async(make_processes)(2)
+    watcher = Member()
+    await joined(channel_layer, messages.process_detail_group(watched_id), watcher)
+    thread = ProcessDataBroadcastThread(channel_layer, list_coalesce_seconds=0)
+    thread.start()
+    thread.broadcast_process(watched_id, status="suspended")
+    thread.broadcast_process(unwatched_id, status="suspended")
+    await wait_for(lambda: len(watcher.messages) == 1)
+    assert await sync_to_async(thread.stop)(10)
+    assert watcher.messages[0]["type"] == "group.frame" and '"process":' in watcher.messages[0]["text"]
+    # The unwatched group's seq still moved, with a marker a later replay cannot pass silently.
+    history = await channel_layer.group_history(messages.process_detail_group(unwatched_id), 0)
+    assert history.seq == 1
+    assert [m["type"] for m in history.messages] == ["group.resync"]

@@ -293,6 +293,10 @@ class FanoutChannelLayer(BaseChannelLayer):
         """The sequence number of the group's latest message (0 before the first)."""
         return (await self.group_history(group, None)).seq
 
+    async def watched(self, groups: list[str]) -> set[str]:
+        """The groups among ``groups`` that have a member on some server process."""
+        return {group for group in groups if self.hub.groups.get(group)}
+
     async def join_seq(self, group: str) -> int:
         """Where a member joining now starts: every message after it reaches the member.
 

@@ -175,6 +175,12 @@ class RedisFanoutLayer(FanoutChannelLayer):
             entries.append((int(values[b"s"]), created, self.decode(values[b"m"])))
         return History(current, contiguous(after, current, entries, self.history_ttl))
 
+    async def watched(self, groups: list[str]) -> set[str]:
+        """Groups with a subscriber on any server process (PUBSUB NUMSUB, one round trip)."""
+        async with asyncio.timeout(self.command_timeout):
+            counts = await self._client().redis.pubsub_numsub(*(self._channel(g) for g in groups))
+        return {self._group_of(channel) for channel, count in counts if count}
+
     async def flush(self) -> None:
         await super().flush()
         redis = self._client().redis

@@ -86,9 +86,20 @@ class Transport(Protocol):
 
 
 class DaphneTransport:
+    """Frames for one socket under daphne, gathered per event-loop iteration.
+
+    A frame is not written at once: the transport joins what it is given until the loop has run
+    the current batch of callbacks, then writes it in one send (see :func:`_flush_pending`).
+    A lone update still leaves within the same loop iteration; a burst of messages to the same
+    clients becomes one segment per client rather than one per frame, which is what spares
+    both ends a system call and a wake-up per message.
+    """
+
     def __init__(self, protocol, max_buffer: int, socket_send_buffer: int = 0):
         self.protocol = protocol
         self.max_buffer = max_buffer
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         sock = getattr(protocol.transport, "socket", None)
         if sock is not None:
             # Each frame is one small write: send it now, not when the previous one is acked.
@@ -119,9 +130,9 @@ class DaphneTransport:
     def buffered_bytes(self) -> int:
         tcp = self.protocol.transport
         try:
-            return len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen
+            return self._pending_bytes + len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen
         except AttributeError:  # not a Twisted file-descriptor transport (e.g. TLS wrapper)
-            return 0
+            return self._pending_bytes
 
     def send_frame(self, frame: TextFrame) -> bool:
         protocol = self.protocol
@@ -130,10 +141,22 @@ class DaphneTransport:
         if self.buffered_bytes() > self.max_buffer:
             return False
         if protocol._perMessageCompress is None and not protocol.send_queue:
-            self._write(frame.wire)
+            if not self._pending:
+                _pending_transports.append(self)
+                _schedule_flush()
+            self._pending.append(frame.wire)
+            self._pending_bytes += len(frame.wire)
         else:  # compression negotiated, or autobahn has frames of its own queued: let it frame
+            self.flush()
             protocol.sendMessage(frame.data, False)
         return True
+
+    def flush(self) -> None:
+        """Write the gathered frames now (before anything else is written to this socket)."""
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending, self._pending_bytes = [], 0
+            self._write(data)
 
     def _write(self, data: bytes) -> None:
         """Send now when nothing is queued, else queue behind what is.
@@ -170,9 +193,31 @@ class DaphneTransport:
 
     def close(self, code: int) -> None:
         if self._open():
+            self.flush()
             # sendClose (and so daphne's "websocket.close") only takes 1000 and 3000-4999;
             # the close frame itself may carry any code, 1001/1008/1013 included.
             self.protocol.sendCloseFrame(code=code, isReply=False)
+
+
+# Transports with frames gathered in this loop iteration, and whether their flush is scheduled.
+_pending_transports: list[DaphneTransport] = []
+_flush_scheduled = False
+
+
+def _schedule_flush() -> None:
+    global _flush_scheduled
+    if not _flush_scheduled:
+        _flush_scheduled = True
+        asyncio.get_running_loop().call_soon(_flush_pending)
+
+
+def _flush_pending() -> None:
+    global _flush_scheduled
+    _flush_scheduled = False
+    transports = _pending_transports[:]
+    _pending_transports.clear()
+    for transport in transports:
+        transport.flush()
 
 
 class QueuedTransport:
