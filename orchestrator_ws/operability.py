@@ -10,6 +10,8 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from orchestrator_ws.realtime.layers import FanoutChannelLayer
+
 READY_TIMEOUT = 3.0
 
 
@@ -33,9 +35,8 @@ async def ready(request: HttpRequest) -> JsonResponse:
         checks["database"] = f"failing: {exc or type(exc).__name__}"
     layer = get_channel_layer()
     try:
-        probe = getattr(layer, "group_seq", None)
-        if probe is not None:
-            await asyncio.wait_for(probe("readiness-probe"), READY_TIMEOUT)
+        if isinstance(layer, FanoutChannelLayer):
+            await asyncio.wait_for(layer.group_seq("readiness-probe"), READY_TIMEOUT)
         checks["channel_layer"] = "ok"
     except Exception as exc:
         checks["channel_layer"] = f"failing: {exc or type(exc).__name__}"

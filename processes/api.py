@@ -12,6 +12,7 @@ from ninja.errors import HttpError
 from ninja.pagination import LimitOffsetPagination, paginate
 from pydantic import Field, field_validator
 
+from orchestrator_ws.realtime.layers import FanoutChannelLayer
 from processes import messages, selectors, services
 from processes.messages import process_summary
 from processes.models import ProcessStatus, StepStatus
@@ -134,7 +135,7 @@ class ProcessListPagination(LimitOffsetPagination):
 
 def _process_list_seq() -> int | None:
     layer = get_channel_layer()
-    if not hasattr(layer, "group_seq"):
+    if not isinstance(layer, FanoutChannelLayer):
         return None
     try:
         return async_to_sync(layer.group_seq)(messages.PROCESS_LIST_GROUP)

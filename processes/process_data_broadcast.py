@@ -33,6 +33,7 @@ from django.db import close_old_connections, connection
 from django.http import HttpRequest
 
 from engine_status.selectors import EngineStatus, get_engine_status
+from orchestrator_ws.realtime.layers import FanoutChannelLayer
 from orchestrator_ws.realtime.metrics import (
     BROADCAST_DROPPED,
     BROADCAST_QUEUE_DEPTH,
@@ -169,16 +170,21 @@ class ProcessDataBroadcastThread(threading.Thread):
         try:
             while True:
                 updates, stopping = self._next_batch()
-                if updates or self._list_changed:
-                    self._send(loop, updates, self._build(updates))
+                try:
+                    if updates or self._list_changed:
+                        self._send(loop, updates, self._build(updates))
+                    if stopping:
+                        self._send(loop, [], self._build([], flush_list=True))
+                except Exception:
+                    # This thread must outlive anything a batch throws at it.
+                    logger.exception("a broadcast batch failed; its groups will resync")
+                    for update in updates:
+                        self._mark_lost(self._groups_of(update))
                 if stopping:
-                    self._send(loop, [], self._build([], flush_list=True))
                     break
         finally:
             try:
-                close = getattr(self.channel_layer, "close", None)
-                if close is not None:
-                    loop.run_until_complete(close())
+                loop.run_until_complete(self._close_layer())
             except Exception:
                 logger.exception("closing the channel layer's connections failed")
             loop.close()
@@ -236,12 +242,12 @@ class ProcessDataBroadcastThread(threading.Thread):
 
     def _watched(self, process_ids: set[uuid.UUID]) -> set[uuid.UUID]:
         """The processes whose detail group has a subscriber on some server (all, if unknown)."""
-        watched = getattr(self.channel_layer, "watched", None)
-        if watched is None or not process_ids:
+        if not isinstance(self.channel_layer, FanoutChannelLayer) or not process_ids:
             return set(process_ids)
         groups = {messages.process_detail_group(pid): pid for pid in process_ids}
         try:
-            return {groups[g] for g in self._loop.run_until_complete(watched(list(groups)))}
+            found = self._loop.run_until_complete(self.channel_layer.watched(list(groups)))
+            return {groups[group] for group in found}
         except Exception:
             return set(process_ids)  # the send will tell whether the layer is down
 
@@ -353,10 +359,16 @@ class ProcessDataBroadcastThread(threading.Thread):
         for group, _ in group_messages:
             MESSAGES_BROADCAST.labels(group_kind(group)).inc()
 
+    async def _close_layer(self) -> None:
+        """Release what the layer holds on this thread's loop (inside it: stock layers look up
+        their per-loop state on attribute access)."""
+        close = getattr(self.channel_layer, "close", None)
+        if close is not None:
+            await close()
+
     async def _group_send(self, group_messages: GroupMessages) -> None:
-        send_many = getattr(self.channel_layer, "group_send_many", None)
-        if send_many is not None:
-            await send_many(group_messages)
+        if isinstance(self.channel_layer, FanoutChannelLayer):
+            await self.channel_layer.group_send_many(group_messages)
             return
         for group, message in group_messages:
             await self.channel_layer.group_send(group, message)

