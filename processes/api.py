@@ -163,6 +163,25 @@ def get_process(request: HttpRequest, process_id: uuid.UUID):
     return detail
 
 
+class ResumeFormOut(Schema):
+    form: dict[str, Any] | None = Field(
+        description="JSON schema of the input a resume of this process takes; null: none"
+    )
+
+
+@router.get(
+    "/processes/{uuid:process_id}/resume-form",
+    response=ResumeFormOut,
+    summary="The input form a resume of this process expects (a suspended input step's form)",
+)
+def resume_form(request: HttpRequest, process_id: uuid.UUID):
+    process = selectors.get_process(process_id)
+    if process is None:
+        raise HttpError(404, f"process {process_id} not found")
+    form = selectors.resume_form(process)
+    return {"form": form.model_json_schema() if form is not None else None}
+
+
 @router.post(
     "/processes/{workflow_key}",
     response={201: CreatedOut},

@@ -8,11 +8,22 @@ from collections.abc import Iterable
 from django.db.models import QuerySet
 
 from processes import messages
-from processes.models import Process, ProcessStep
+from processes.models import Process, ProcessStatus, ProcessStep
+from processes.workflow import Form, registry
 
 
 def get_process(process_id: uuid.UUID) -> Process | None:
     return Process.objects.filter(pk=process_id).first()
+
+
+def resume_form(process: Process) -> type[Form] | None:
+    """The form a resume must satisfy: a suspended input step's, else none."""
+    workflow = registry.get(process.workflow_name)
+    if workflow is None or process.last_status != ProcessStatus.SUSPENDED:
+        return None
+    if process.next_step_index >= len(workflow.steps):
+        return None
+    return workflow.steps[process.next_step_index].form
 
 
 def process_detail(process: Process) -> messages.Frame:

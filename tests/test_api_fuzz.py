@@ -72,6 +72,7 @@ ID_OPERATIONS = [
     ("DELETE", "/api/processes/{process_id}"),
     RESUME,
     ("PUT", "/api/processes/{process_id}/abort"),
+    ("GET", "/api/processes/{process_id}/resume-form"),
 ]
 # Every operation of the schema; the schema test fails when the schema has one not listed here.
 OPERATIONS = [WORKFLOWS, PROCESS_LIST, *ID_OPERATIONS, START, ENGINE_STATUS, LOCK]

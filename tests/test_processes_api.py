@@ -278,3 +278,14 @@ def test_openapi_schema_describes_every_endpoint(api_client):
     assert set(paths["/api/processes/{process_id}"]) == {"get", "delete"}
     assert set(paths["/api/processes/{workflow_key}"]) == {"post"}
     assert api_client.get("/api/docs").status_code == 200
+
+
+def test_resume_form_of_a_suspended_input_step(api_client):
+    process_id = start(api_client, "confirm_input")
+    wait_for_status(api_client, process_id, "suspended")
+    form = api_client.get(f"/api/processes/{process_id}/resume-form").json()["form"]
+    assert form["required"] == ["approved"] and form["properties"]["approved"]["type"] == "boolean"
+    done_id = start(api_client, "quick_steps")
+    wait_for_status(api_client, done_id, "completed")
+    assert api_client.get(f"/api/processes/{done_id}/resume-form").json() == {"form": None}
+    assert api_client.get(f"/api/processes/{uuid.uuid4()}/resume-form").status_code == 404
