@@ -157,10 +157,14 @@ def list_processes(request: HttpRequest, filters: Query[ProcessFilters]):
     summary="One process with its logged and pending steps",
 )
 def get_process(request: HttpRequest, process_id: uuid.UUID):
-    detail = selectors.get_process_detail(process_id)
-    if detail is None:
+    return selectors.process_detail(_process_or_404(process_id))
+
+
+def _process_or_404(process_id: uuid.UUID):
+    process = selectors.get_process(process_id)
+    if process is None:
         raise HttpError(404, f"process {process_id} not found")
-    return detail
+    return process
 
 
 class ResumeFormOut(Schema):
@@ -175,10 +179,7 @@ class ResumeFormOut(Schema):
     summary="The input form a resume of this process expects (a suspended input step's form)",
 )
 def resume_form(request: HttpRequest, process_id: uuid.UUID):
-    process = selectors.get_process(process_id)
-    if process is None:
-        raise HttpError(404, f"process {process_id} not found")
-    form = selectors.resume_form(process)
+    form = selectors.resume_form(_process_or_404(process_id))
     return {"form": form.model_json_schema() if form is not None else None}
 
 
