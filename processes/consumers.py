@@ -26,6 +26,10 @@ class ProcessDetailConsumer(GroupConsumer):
     async def snapshot(self) -> Frame:
         process_id = self.scope["url_route"]["kwargs"]["process_id"]
         detail = await database_sync_to_async(selectors.get_process_detail)(process_id)
+        if detail is None and self.synced:
+            # A client re-syncing after its process was deleted gets what the live stream
+            # says of a deletion, not the 404 an id that never existed gets.
+            return messages.process_detail_frame(messages.deleted_process(process_id))
         if detail is None:
             raise ConnectRefused(
                 error_frame(404, f"process {process_id} not found", title="Not Found"), CLOSE_NOT_FOUND

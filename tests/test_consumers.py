@@ -11,9 +11,10 @@ import uuid
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
 
 from engine_status import services as engine_lock
-from processes import services
+from processes import messages, services
 from processes.models import Process
 from tests.helpers import wait_until
 from tests.wsclient import WsClient
@@ -117,6 +118,9 @@ async def test_engine_status_snapshot_and_changes(broadcast_thread):
     await start(broadcast_thread, "long_running", [{"step_delay": 1.0}])
     running = await client.frames_until(lambda f: f["engine-status"]["running_processes"] == 1)
     assert running[-1]["engine-status"]["global_status"] == "RUNNING"
+    # The run counts as running from its claim, a moment before the worker's first look at the
+    # lock: let it get into its first step, or the lock stops it before it began (straight to PAUSED).
+    await asyncio.sleep(0.3)
     await sync_to_async(engine_lock.set_global_lock)(True)
     frames = await client.frames_until(lambda f: f["engine-status"]["global_status"] == "PAUSED")
     statuses = [f["engine-status"]["global_status"] for f in frames]
@@ -199,6 +203,23 @@ async def test_delete_announces_a_deleted_process_to_list_and_detail(broadcast_t
     assert gone[-1]["process"] == expected and gone[-1]["close"] is True
     assert await detail.closed_with() == 1000
     await listing.disconnect()
+
+
+async def test_a_detail_client_resyncing_after_a_delete_is_told_of_the_delete(broadcast_thread):
+    """Its snapshot is re-read after the process is gone: the client learns of the deletion,
+    as from the live stream, instead of the 404 meant for an id that never existed."""
+    process_id = await start(broadcast_thread, "confirm_input")
+    detail = await connected(f"/api/processes/{process_id}")
+    snapshot = await detail.frame()
+    while snapshot["process"]["status"] != "suspended":
+        snapshot = await detail.frame()
+    await sync_to_async(services.delete_process)(uuid.UUID(process_id), broadcast=lambda *a, **k: None)
+    layer = get_channel_layer()
+    await layer.group_send(messages.process_detail_group(process_id), messages.RESYNC_MESSAGE)
+    gone = (await detail.frames_until(lambda f: f["process"].get("deleted")))[-1]
+    assert gone["resync"] is True and gone["close"] is True
+    assert gone["process"]["process_id"] == process_id
+    assert await detail.closed_with() == 1000
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,8 @@ class GroupConsumer(AsyncWebsocketConsumer):
     group: str = ""
     transport: Transport | None = None
     last_seq: int | None = None
+    # Whether this client got its first snapshot or replay: a later sync is a re-sync.
+    synced = False
     _buffer: list[Message] | None = None
     _buffer_overflowed = False
     _sync_again = False
@@ -436,6 +438,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
                 for message in history.messages:
                     self._forward(message)
                 self.last_seq = history.seq
+                self.synced = True
                 return
             resync = True
         seq = start_seq
@@ -451,6 +454,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
         if resync:
             RESYNCS.labels(group_kind(self.group)).inc()
         self.last_seq = seq
+        self.synced = True
         if frame is not None:
             self.transport.send_text(encode(frame))
             if frame.get("close"):
