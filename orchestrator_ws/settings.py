@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dj_database_url
 
-from orchestrator_ws.environment import BASE_DIR, load_environment
+from orchestrator_ws.environment import load_environment
 
 ENV = load_environment()
 
@@ -28,6 +28,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves /static/ (the dashboard's CSS and JS, the admin's) from daphne itself.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -142,7 +144,13 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+# WhiteNoise finds the files in the apps' static/ directories, as runserver would: there is no
+# collectstatic step, hence no STATIC_ROOT (WhiteNoise would warn at every start about an empty one).
+WHITENOISE_USE_FINDERS = True
+
+# The dashboard asks for a login only when websockets need one (WS_AUTH_REQUIRED, see pages.py).
+LOGIN_REDIRECT_URL = "process-list"
+LOGOUT_REDIRECT_URL = "login"
 
 LOGGING = {
     "version": 1,

@@ -1,7 +1,7 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
-from orchestrator_ws import operability
+from orchestrator_ws import operability, pages
 from orchestrator_ws.api import api
 
 urlpatterns = [
@@ -10,4 +10,5 @@ urlpatterns = [
     path("health/", operability.health, name="health"),
     path("ready/", operability.ready, name="ready"),
     path("metrics", operability.metrics, name="metrics"),
+    path("", include(pages)),
 ]

@@ -164,10 +164,13 @@ def server_environment(database_url: str, redis_url: str = "", **extra: str) -> 
 
 
 class DaphneServer:
-    """``python -m orchestrator_ws.server`` on a free port, with its output in a log file."""
+    """``python -m orchestrator_ws.server`` on a free port, with its output in a log file.
 
-    def __init__(self, database_url: str, redis_url: str = "", **extra_env: str):
-        self.port = free_port()
+    ``port``: listen on this one instead, e.g. to restart a server where its clients reconnect.
+    """
+
+    def __init__(self, database_url: str, redis_url: str = "", *, port: int | None = None, **extra_env: str):
+        self.port = port if port is not None else free_port()
         self.env = server_environment(database_url, redis_url, **extra_env)
         self.log_path = Path(tempfile.mkstemp(prefix=f"daphne-{self.port}-", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
