@@ -126,6 +126,10 @@ def _commit_step(
     with transaction.atomic():
         logged = record_step(process, step_name, status, **kwargs)
         values = {name: getattr(process, name) for name in _PROCESS_ROW_FIELDS}
+        if process.last_status != ProcessStatus.RUNNING:
+            # The step that stops the run hands the process back in the same commit: whoever
+            # sees it suspended or failed can resume it at once.
+            values["run_claim"] = None
         owned = Process.objects.filter(
             pk=process.pk, run_claim=claim, last_status=ProcessStatus.RUNNING
         ).update(**values)
@@ -307,7 +311,10 @@ class _Run:
     def _fail_unknown_workflow(self, process: Process) -> None:
         reason = f"workflow {process.workflow_name!r} is not registered on this server"
         Process.objects.filter(pk=process.pk, run_claim=self.claim).update(
-            last_status=ProcessStatus.FAILED, failed_reason=reason, last_modified_at=timezone.now()
+            last_status=ProcessStatus.FAILED,
+            failed_reason=reason,
+            last_modified_at=timezone.now(),
+            run_claim=None,
         )
         notify(self.broadcast, process.pk, status=ProcessStatus.FAILED, status_counts_changed=True)
 

@@ -128,6 +128,23 @@ def test_broadcast_called_after_every_committed_step():
     ]
 
 
+@pytest.mark.parametrize(
+    "workflow, stopped_status", [("flaky_retry", "failed"), ("confirm_input", "suspended")]
+)
+def test_a_stopped_process_is_resumable_when_its_stop_is_announced(workflow, stopped_status):
+    """The step that stops a run releases the run's claim in its own commit: a user who resumes
+    the moment the page shows the process stopped gets no 409."""
+    claims_when_announced = []
+
+    def record(process_id, **details):
+        if details.get("status") == stopped_status:
+            claims_when_announced.append(Process.objects.get(pk=process_id).run_claim)
+
+    services.start_process(workflow, [], created_by="t", broadcast=record)
+    wait_until(lambda: claims_when_announced, what=f"the {stopped_status} announcement")
+    assert claims_when_announced == [None]
+
+
 def test_failing_broadcast_never_fails_or_slows_a_step(caplog):
     def broken(process_id, **details):
         raise ConnectionError("broadcaster is down")
