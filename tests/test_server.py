@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 
+import daphne.server
 import pytest
 
+from orchestrator_ws.server import Server
 from tests.helpers import wait_until
 from tests.servers import PROJECT_DIR, DaphneServer, server_environment
 
@@ -71,3 +74,55 @@ def test_models_are_registered_in_the_admin(admin_client):
         "/admin/engine_status/enginesettings/",
     ):
         assert admin_client.get(path, HTTP_HOST="localhost").status_code == 200
+
+
+async def test_the_server_reaps_only_connections_whose_application_ended_or_socket_closed(monkeypatch):
+    """orchestrator_ws.server.Server runs daphne's reaping over the noted connections only,
+    with daphne's rules: an ended application is dropped, a closed socket's application gets
+    the close timeout, then the connection goes."""
+    monkeypatch.setattr(daphne.server.reactor, "callLater", lambda *args: None)
+    seen_by_daphne = []
+    daphne_checker = daphne.server.Server.application_checker
+
+    def checker(server):
+        seen_by_daphne.append(set(server.connections))
+        daphne_checker(server)
+
+    monkeypatch.setattr(daphne.server.Server, "application_checker", checker)
+
+    finish = {}
+
+    async def application(scope, receive, send):
+        finish[scope["name"]] = asyncio.Event()
+        await finish[scope["name"]].wait()
+
+    server = Server(application, endpoints=["tcp:port=0"], application_close_timeout=10)
+    server.connections = {}
+    ended, closed, idle = "ended", "closed", "idle"
+    for protocol in (ended, closed, idle):
+        server.protocol_connected(protocol)
+        server.create_application(protocol, {"type": "websocket", "name": protocol})
+    await asyncio.sleep(0)
+    finish[ended].set()
+    server.protocol_disconnected(closed)
+    await asyncio.sleep(0.01)
+
+    server.application_checker()
+    assert seen_by_daphne[-1] == {ended, closed}
+    assert "application_instance" not in server.connections[ended]  # reaped, socket still open
+    assert not server.connections[closed]["application_instance"].done()  # within its close timeout
+    assert set(server.connections) == {ended, closed, idle}
+
+    server.connections[closed]["disconnected"] -= 60  # the close timeout passed
+    server.application_checker()
+    assert seen_by_daphne[-1] == {closed}
+    await asyncio.sleep(0.01)
+    assert server.connections[closed]["application_instance"].cancelled()
+
+    server.protocol_disconnected(ended)
+    server.application_checker()
+    assert seen_by_daphne[-1] == {ended, closed}
+    assert set(server.connections) == {idle}
+    server.application_checker()
+    assert seen_by_daphne[-1] == set()
+    assert not server.connections[idle]["application_instance"].done()

@@ -65,6 +65,9 @@ from orchestrator_ws.realtime.protocol import (
 )
 from orchestrator_ws.realtime.transport import TextFrame, Transport, transport_for
 
+# Every heartbeat's answer is the same bytes: framed once, like a group message.
+PONG_FRAME = TextFrame(PONG)
+
 logger = logging.getLogger(__name__)
 
 # Every open connection of this server process, for closing them all on shutdown.
@@ -213,7 +216,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
             self._log_refusal("client message not allowed", code=offence)
             self.finish(offence)
         elif message.get("text") == PING:
-            self.transport.send_text(PONG)
+            self.transport.send_frame(PONG_FRAME)
 
     async def websocket_disconnect(self, message: Message) -> None:
         self._closing = True
