@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import connection
 from django.http import HttpRequest
 
 from engine_status.selectors import EngineStatus, get_engine_status
@@ -79,6 +79,23 @@ class _ProcessView:
 
 
 _STOP = object()
+# How long resync markers for groups whose messages were lost wait for a batch to go out with.
+LOST_GROUPS_RETRY_SECONDS = 0.5
+
+
+def _drop_broken_connection() -> None:
+    """Keep the thread's database connection from batch to batch, unless it broke.
+
+    Django's ``close_old_connections`` would close it after every batch (CONN_MAX_AGE is 0
+    under ASGI), and opening one cost the thread about a millisecond a batch on SQLite, a round
+    trip or more to PostgreSQL. A connection that raised an error is tested, and closed if it no
+    longer works; the next query opens a new one.
+    """
+    if connection.connection is not None and connection.errors_occurred:
+        if connection.is_usable():
+            connection.errors_occurred = False
+        else:
+            connection.close()
 
 
 class ProcessDataBroadcastThread(threading.Thread):
@@ -171,7 +188,7 @@ class ProcessDataBroadcastThread(threading.Thread):
             while True:
                 updates, stopping = self._next_batch()
                 try:
-                    if updates or self._list_changed:
+                    if updates or self._list_changed or self._lost_groups:
                         self._send(loop, updates, self._build(updates))
                     if stopping:
                         self._send(loop, [], self._build([], flush_list=True))
@@ -197,6 +214,11 @@ class ProcessDataBroadcastThread(threading.Thread):
             timeout = max(
                 0.0, min(self._list_window_ends[pid] for pid in self._list_changed) - time.monotonic()
             )
+        if self._lost_groups:
+            # Their resync markers go out with the next batch, or after a pause if none comes.
+            timeout = min(
+                timeout if timeout is not None else LOST_GROUPS_RETRY_SECONDS, LOST_GROUPS_RETRY_SECONDS
+            )
         updates = []
         try:
             updates.append(self.queue.get(timeout=timeout))
@@ -219,7 +241,7 @@ class ProcessDataBroadcastThread(threading.Thread):
         in its place, which still takes a seq, so a page that opens meanwhile or replays across
         it reloads the detail instead of missing the change.
         """
-        close_old_connections()
+        _drop_broken_connection()
         out: GroupMessages = [(group, messages.RESYNC_MESSAGE) for group in self._take_lost_groups()]
         process_updates = [u for u in updates if isinstance(u, ProcessUpdate)]
         engine_updates = [u for u in updates if isinstance(u, EngineStatusUpdate)]
@@ -228,8 +250,11 @@ class ProcessDataBroadcastThread(threading.Thread):
         try:
             views = self._read(changed, watched)
         except Exception:
-            logger.exception("reading the processes of a broadcast batch failed")
+            logger.exception("reading the processes of a broadcast batch failed; their groups will resync")
             views = {}
+            for update in process_updates:
+                if not update.deleted:
+                    self._mark_lost(self._groups_of(update))
         for update in process_updates:
             try:
                 out.extend(self._process_messages(update, views.get(update.process_id)))

@@ -7,8 +7,10 @@ import time
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.db import connection
+from django.db.backends.signals import connection_created
 
-from processes import messages, services
+from processes import messages, selectors, services
 from processes.engine import no_broadcast
 from processes.models import Process
 from processes.process_data_broadcast import ProcessDataBroadcastThread, ProcessUpdate
@@ -128,3 +130,55 @@ async def test_the_thread_drives_the_stock_pubsub_layer_too(redis_url):
     assert thread.is_alive()
     assert await sync_to_async(thread.stop)(10)
     await layer.flush()
+
+
+async def test_the_thread_keeps_one_database_connection_across_batches(channel_layer):
+    ids = await sync_to_async(make_processes)(2)
+    listing = Member()
+    await joined(channel_layer, messages.PROCESS_LIST_GROUP, listing)
+    opened = []
+
+    def note_connection(sender, connection, **kwargs):
+        opened.append(threading.current_thread().name)
+
+    connection_created.connect(note_connection)
+    thread = ProcessDataBroadcastThread(channel_layer, list_coalesce_seconds=0)
+    thread.start()
+    try:
+        for i in range(20):  # one batch each: every update waits for the previous one's delivery
+            thread.broadcast_process(ids[i % 2], status="suspended", step_id=None)
+            await wait_for(lambda i=i: len(listing.messages) == i + 1)
+    finally:
+        assert await sync_to_async(thread.stop)(10)
+        connection_created.disconnect(note_connection)
+    assert opened.count(thread.name) == 1, opened
+
+
+async def test_a_broken_database_connection_costs_a_resync_then_is_replaced(channel_layer, monkeypatch):
+    """The batch whose read fails marks its groups lost (their clients resync: nothing passes
+    silently); the next batch opens a new connection and carries on."""
+    ids = await sync_to_async(make_processes)(1)
+    listing = Member()
+    await joined(channel_layer, messages.PROCESS_LIST_GROUP, listing)
+    read_processes = selectors.processes
+    broken = []
+
+    def break_the_connection_once(process_ids):
+        if not broken:
+            broken.append(True)
+            connection.connection.close()  # under Django's feet, as a dropped server would
+        return read_processes(process_ids)
+
+    monkeypatch.setattr(selectors, "processes", break_the_connection_once)
+    thread = ProcessDataBroadcastThread(channel_layer, list_coalesce_seconds=0)
+    thread.start()
+    try:
+        thread.broadcast_process(ids[0], status="suspended", step_id=None)
+        await wait_for(lambda: len(listing.messages) == 1)
+        assert listing.messages[0]["type"] == "group.resync"
+        thread.broadcast_process(ids[0], status="suspended", step_id=None)
+        await wait_for(lambda: len(listing.messages) == 2)
+    finally:
+        assert await sync_to_async(thread.stop)(10)
+    assert listing.messages[1]["type"] == "group.frame"
+    assert [m["seq"] for m in listing.messages] == [1, 2]
