@@ -60,7 +60,8 @@ LAYERS = {
 }
 SERVER_ENV = {
     "PROCESS_LIST_COALESCE_MS": "0",  # every step is a list message (coalescing is measured apart)
-    "MAX_WORKERS": "10",
+    # Every process of the latency run sleeps between its ticks on a worker thread of its own.
+    "MAX_WORKERS": "100",
     "WS_MAX_CONNECTIONS_PER_IP": "0",
     "LOG_LEVEL": "WARNING",
     "WORKFLOW_MODULES": "processes.demo_workflows,bench.workflows",
@@ -184,11 +185,14 @@ def rss(servers: list[DaphneServer]) -> int:
     return sum(psutil.Process(server.process.pid).memory_info().rss for server in servers)
 
 
-def start_processes(servers: list[DaphneServer], count: int, interval: float, start_at: float = 0) -> None:
-    """``count`` bench_ticks processes, spread over the servers, started concurrently."""
-    body = json.dumps([{"interval": interval, "start_at": start_at}]).encode()
+def start_processes(
+    servers: list[DaphneServer], count: int, interval: float, start_at: float, stagger: float = 0.0
+) -> None:
+    """``count`` bench_ticks processes, spread over the servers, started concurrently; process
+    ``i`` takes its first tick at ``start_at + i * stagger``."""
 
     def one(index: int) -> None:
+        body = json.dumps([{"interval": interval, "start_at": start_at + index * stagger}]).encode()
         status, payload = servers[index % len(servers)].request("POST", "/api/processes/bench_ticks", body)
         if status != 201:
             raise RuntimeError(f"starting a process failed: {status} {payload[:200]!r}")
@@ -299,16 +303,22 @@ def run_layer(name: str, args) -> Result:
         result.deliveries_per_s, result.server_cpu_us, result.client_cpu_us = bursts[len(bursts) // 2]
 
         # 2. latency at half the burst's message rate
-        rate = max(0.5, 0.5 * result.deliveries_per_s / args.clients)  # messages per second
+        rate = args.latency_rate or max(0.5, 0.5 * result.deliveries_per_s / args.clients)  # messages/s
         result.latency_rate = rate
-        fleet.reset()
         if publisher is not None:
             sent = int(rate * args.latency_seconds)
+            fleet.reset()
             publisher.publish(sent, rate)
         else:
-            processes = max(1, math.ceil(rate * args.latency_seconds / LIST_MESSAGES_PER_PROCESS))
-            sent = processes * LIST_MESSAGES_PER_PROCESS
-            start_processes(servers, processes, processes / rate)
+            # Ticks evenly spread, like the raw reference's publisher: process i ticks at
+            # start_at + i/rate + k*processes/rate, so the group gets one message every 1/rate s.
+            # As in a burst, what is counted starts with the first tick.
+            processes = max(1, math.ceil(rate * args.latency_seconds / TICKS_MESSAGES))
+            sent = processes * TICKS_MESSAGES
+            start_at = time.time() + 1 + 0.05 * processes
+            start_processes(servers, processes, processes / rate, start_at, stagger=1 / rate)
+            time.sleep(max(0.0, start_at - time.time() - 0.2))
+            fleet.reset()
         reports = fleet.wait_for(sent * args.clients, timeout=args.latency_seconds * 4 + 10)
         result.latency_sent = sent * args.clients
         result.latency_received = sum(r["received"] for r in reports)
@@ -398,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--burst-timeout", type=float, default=40)
     parser.add_argument("--latency-seconds", type=float, default=5)
+    parser.add_argument(
+        "--latency-rate",
+        type=float,
+        default=0,
+        help="messages/s of the latency run (default: half the burst's)",
+    )
     parser.add_argument("--layers", nargs="*", choices=list(LAYERS), help="default: all")
     parser.add_argument("--connections", type=int, default=10_000, help="idle mode")
     parser.add_argument("--idle-seconds", type=float, default=30, help="idle mode: CPU measured over")

@@ -58,7 +58,11 @@ def idle(args) -> int:
         print()
         print(
             f"{args.connections:,} idle connections on one daphne process (Redis layer), "
-            f"heartbeat __ping__ every 30 s per client and daphne's protocol ping every 20 s"
+            + (
+                f"each client sends __ping__ every {args.heartbeat:g} s"
+                if args.heartbeat
+                else "no client heartbeat (daphne pings a connection silent for 60 s)"
+            )
         )
         print()
         print(
