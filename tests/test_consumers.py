@@ -162,6 +162,12 @@ async def test_events_follow_the_v2_ui_contract(broadcast_thread):
     )
     frames = await client.frames_until(lambda f: f["value"] == {"type": "processStatusCounts"})
     assert values(frames) == pair + [{"type": "processStatusCounts"}]
+    # The retried run goes on to its end: let its events pass before the next ones are counted.
+    await sync_to_async(wait_until)(
+        lambda: Process.objects.get(pk=failing).last_status == "completed", what="the retried run"
+    )
+    while not await client.nothing():
+        await client.frame()
 
     suspended = await start(broadcast_thread, "confirm_input")
     await client.frames_until(lambda f: f["value"].get("id") == suspended)
