@@ -186,7 +186,7 @@ def rss(servers: list[DaphneServer]) -> int:
 
 
 def start_processes(
-    servers: list[DaphneServer], count: int, interval: float, start_at: float, stagger: float = 0.0
+    servers: list[DaphneServer], count: int, interval: float, start_at: float = 0.0, stagger: float = 0.0
 ) -> None:
     """``count`` bench_ticks processes, spread over the servers, started concurrently; process
     ``i`` takes its first tick at ``start_at + i * stagger``."""
