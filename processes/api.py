@@ -157,14 +157,7 @@ def list_processes(request: HttpRequest, filters: Query[ProcessFilters]):
     summary="One process with its logged and pending steps",
 )
 def get_process(request: HttpRequest, process_id: uuid.UUID):
-    return selectors.process_detail(_process_or_404(process_id))
-
-
-def _process_or_404(process_id: uuid.UUID):
-    process = selectors.get_process(process_id)
-    if process is None:
-        raise HttpError(404, f"process {process_id} not found")
-    return process
+    return selectors.process_detail(services.existing_process(process_id))
 
 
 class ResumeFormOut(Schema):
@@ -179,7 +172,7 @@ class ResumeFormOut(Schema):
     summary="The input form a resume of this process expects (a suspended input step's form)",
 )
 def resume_form(request: HttpRequest, process_id: uuid.UUID):
-    form = selectors.resume_form(_process_or_404(process_id))
+    form = selectors.resume_form(services.existing_process(process_id))
     return {"form": form.model_json_schema() if form is not None else None}
 
 

@@ -58,7 +58,8 @@ def _refuse_when_locked(action: str) -> None:
         raise EngineLocked(f"the engine is locked (paused): cannot {action}; unlock it first")
 
 
-def _get_process(process_id: uuid.UUID) -> Process:
+def existing_process(process_id: uuid.UUID) -> Process:
+    """The process, or ProcessNotFound (which the API answers with a 404)."""
     process = Process.objects.filter(pk=process_id).first()
     if process is None:
         raise ProcessNotFound(f"process {process_id} not found")
@@ -99,7 +100,7 @@ def resume_process(
     A suspended process's input must satisfy its input step's form and is logged with that
     step; for a failed one, the input (if any) is merged into the state the step is retried with.
     """
-    process = _get_process(process_id)
+    process = existing_process(process_id)
     if process.last_status not in RESUMABLE_STATUSES:
         raise ProcessConflict(f"process {process_id} is {process.last_status} and cannot be resumed")
     _refuse_when_locked("resume a process")
