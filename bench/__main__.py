@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -145,11 +146,7 @@ class Fleet:
             client.command("RESET")
 
     def cpu_seconds(self) -> float:
-        total = 0.0
-        for client in self.clients:
-            times = psutil.Process(client.process.pid).cpu_times()
-            total += times.user + times.system
-        return total
+        return cpu_seconds(self.clients)
 
     def reports(self) -> list[dict]:
         return [client.report() for client in self.clients]
@@ -173,10 +170,11 @@ class Fleet:
             client.quit()
 
 
-def cpu_seconds(servers: list[DaphneServer]) -> float:
+def cpu_seconds(runners: Iterable[DaphneServer | ClientProcess]) -> float:
+    """User plus system CPU seconds the runners' processes have used so far."""
     total = 0.0
-    for server in servers:
-        times = psutil.Process(server.process.pid).cpu_times()
+    for runner in runners:
+        times = psutil.Process(runner.process.pid).cpu_times()
         total += times.user + times.system
     return total
 

@@ -9,8 +9,6 @@ import threading
 import time
 import urllib.request
 
-import psutil
-
 from tests.servers import DaphneServer, RedisServer, TemporaryDatabase
 
 
@@ -20,24 +18,18 @@ def _server_env(**extra: str) -> dict[str, str]:
     return {**SERVER_ENV, **extra}
 
 
-def _cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
-
-
 def idle(args) -> int:
     """10,000 idle connections on one daphne: memory per connection and CPU at rest."""
-    from bench.__main__ import Fleet
+    from bench.__main__ import Fleet, cpu_seconds, rss
 
     redis_server = RedisServer().start()
     database = TemporaryDatabase().create()
     server = DaphneServer(database.url, redis_server.url, **_server_env()).start()
     fleet = None
     try:
-        process = psutil.Process(server.process.pid)
         warm = Fleet([f"{server.ws}/api/processes/all/"], 10, 1, server.http)  # imports, pools, caches
         time.sleep(1)
-        rss_before = process.memory_info().rss
+        rss_before = rss([server])
         began = time.monotonic()
         per_process = 2000
         fleet = Fleet(
@@ -49,11 +41,11 @@ def idle(args) -> int:
         )
         connect_seconds = time.monotonic() - began
         time.sleep(5)
-        rss_after = process.memory_info().rss
+        rss_after = rss([server])
         per_connection_kb = (rss_after - rss_before) / args.connections / 1024
-        cpu_began, idle_began = _cpu_seconds(process), time.monotonic()
+        cpu_began, idle_began = cpu_seconds([server]), time.monotonic()
         time.sleep(args.idle_seconds)
-        idle_cpu = (_cpu_seconds(process) - cpu_began) / (time.monotonic() - idle_began) * 100
+        idle_cpu = (cpu_seconds([server]) - cpu_began) / (time.monotonic() - idle_began) * 100
         open_now = _metric(server, 'orchestrator_ws_open_connections{group="process-list"}')
         print()
         print(
