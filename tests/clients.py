@@ -65,10 +65,15 @@ def http(server: DaphneServer, method: str, path: str, body=None):
     return status, json.loads(payload) if payload else None
 
 
-async def start_process(server, workflow, inputs) -> str:
-    status, body = await asyncio.to_thread(http, server, "POST", f"/api/processes/{workflow}", inputs)
+def post_process(server: DaphneServer, workflow: str, inputs: list) -> str:
+    """Starts a process over HTTP; its id."""
+    status, body = http(server, "POST", f"/api/processes/{workflow}", inputs)
     assert status == 201, body
     return body["id"]
+
+
+async def start_process(server: DaphneServer, workflow: str, inputs: list) -> str:
+    return await asyncio.to_thread(post_process, server, workflow, inputs)
 
 
 def assert_contiguous(frames):

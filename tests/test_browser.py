@@ -14,7 +14,7 @@ import sys
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.clients import http
+from tests.clients import http, post_process
 from tests.helpers import wait_until
 from tests.servers import PROJECT_DIR, DaphneServer, server_environment
 
@@ -90,12 +90,6 @@ def expect_connection(page: Page, state: str, timeout: float = 10_000) -> None:
 
 def process_row(page: Page, process_id: str):
     return page.locator(f'tr[data-process-id="{process_id}"]')
-
-
-def start_process(server: DaphneServer, workflow: str, inputs: dict) -> str:
-    status, body = http(server, "POST", f"/api/processes/{workflow}", [inputs])
-    assert status == 201, body
-    return body["id"]
 
 
 def wait_for_status(server: DaphneServer, process_id: str, status: str) -> None:
@@ -174,7 +168,7 @@ def test_a_process_started_from_the_list_is_followed_live_to_its_end(server, ope
     engine_status = page.get_by_test_id("engine-global-status")
     expect(engine_status).to_have_attribute("data-status", "RUNNING")
     record_changes(page, "[data-testid=engine-global-status]", "(badge) => badge.dataset.status")
-    start_process(server, "long_running", {"step_delay": 2})  # a step long enough to watch PAUSING
+    post_process(server, "long_running", [{"step_delay": 2}])  # a step long enough to watch PAUSING
     expect(page.get_by_test_id("running-processes")).to_have_text("1")
     page.get_by_role("button", name="Lock engine").click()
     expect(engine_status).to_have_attribute("data-status", "PAUSED", timeout=10_000)
@@ -192,7 +186,7 @@ def test_the_list_recovers_when_the_server_restarts_under_it(server, page, datab
     expect_connection(page, "live")
     # Raise the list's seq: the restarted server's in-memory layer counts again from 0, so the
     # page's ?since= is ahead of it and the server answers with a resync.
-    earlier = [start_process(first, "quick_steps", {"name": f"before {i}"}) for i in range(4)]
+    earlier = [post_process(first, "quick_steps", [{"name": f"before {i}"}]) for i in range(4)]
     for process_id in earlier:
         expect(process_row(page, process_id)).to_have_attribute("data-status", "completed")
 
@@ -209,7 +203,7 @@ def test_the_list_recovers_when_the_server_restarts_under_it(server, page, datab
 
     second = DaphneServer(database.url, port=first.port).start()
     try:
-        process_id = start_process(second, "confirm_input", {})
+        process_id = post_process(second, "confirm_input", [{}])
         expect(process_row(page, process_id)).to_have_attribute("data-status", "suspended", timeout=20_000)
         expect_connection(page, "live")
         assert list_loads, "the page did not reload the list after the resync"
@@ -220,7 +214,7 @@ def test_the_list_recovers_when_the_server_restarts_under_it(server, page, datab
 
 
 def test_a_suspended_process_is_resumed_from_its_detail_page(server, page):
-    process_id = start_process(server, "confirm_input", {})
+    process_id = post_process(server, "confirm_input", [{}])
     wait_for_status(server, process_id, "suspended")
 
     page.goto(f"{server.http}/processes/{process_id}/")
@@ -246,7 +240,7 @@ def test_a_running_process_is_aborted_then_deleted_from_its_detail_page(server, 
     watcher = open_page()
     watcher.goto(server.http + "/")
     expect_connection(watcher, "live")
-    process_id = start_process(server, "long_running", {"step_delay": 2})
+    process_id = post_process(server, "long_running", [{"step_delay": 2}])
     page = open_page()
     page.goto(f"{server.http}/processes/{process_id}/")
     expect(page.get_by_test_id("process-status")).to_have_attribute("data-status", "running")
@@ -292,7 +286,7 @@ def test_with_auth_required_the_list_needs_a_login_and_its_websockets_the_sessio
         expect(page).to_have_url(f"{server.http}/")
         expect_connection(page, "live")
 
-        process_id = start_process(server, "quick_steps", {"name": "signed in"})
+        process_id = post_process(server, "quick_steps", [{"name": "signed in"}])
         expect(process_row(page, process_id)).to_have_attribute("data-status", "completed")
         expect(page.get_by_test_id("engine-status")).to_have_text("Engine RUNNING")
     finally:
