@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from orchestrator_ws.realtime.layers import InMemoryFanoutLayer, contiguous, stamp
-from orchestrator_ws.realtime.redis_layer import RedisFanoutLayer
+from orchestrator_ws.realtime.redis_layer import PUBLISH_SCRIPT_SHA, RedisFanoutLayer
 from tests.servers import RedisServer
 
 
@@ -164,6 +164,32 @@ async def test_group_send_many_is_one_ordered_batch(layer):
     )
     assert seqs == [1, 1, 2]
     await wait_for(lambda: len(member.messages) == 3)
+
+
+async def test_a_batch_is_sent_once_when_redis_has_lost_the_publish_script(redis_url):
+    """The publish script runs by its digest; after SCRIPT FLUSH (or a Redis restart) the batch
+    is refused as a whole, the script is loaded and the batch goes out exactly once."""
+    layer = RedisFanoutLayer(url=redis_url, prefix=f"noscript-{uuid.uuid4().hex[:8]}")
+    member = Member()
+    await joined(layer, "g", member)
+    await layer.group_send("g", {"type": "group.frame", "text": '{"n":1}'})
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        admin.script_flush()
+        assert admin.script_exists(PUBLISH_SCRIPT_SHA) == [False]
+        seqs = await layer.group_send_many(
+            [("g", {"type": "group.frame", "text": f'{{"n":{n}}}'}) for n in (2, 3)]
+        )
+        assert seqs == [2, 3]
+        assert admin.script_exists(PUBLISH_SCRIPT_SHA) == [True]
+    finally:
+        admin.close()
+    await wait_for(lambda: len(member.messages) == 3)
+    await asyncio.sleep(0.2)
+    assert [m["text"] for m in member.messages] == ['{"seq":1,"n":1}', '{"seq":2,"n":2}', '{"seq":3,"n":3}']
+    history = await layer.group_history("g", 0)
+    assert [m["seq"] for m in history.messages] == [1, 2, 3]
+    await layer.close()
 
 
 def redis_client_count(url) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import weakref
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from orchestrator_ws.realtime.layers import FanoutChannelLayer, History, Message, contiguous
 from orchestrator_ws.realtime.metrics import REDIS_RECONNECTS
@@ -59,12 +60,15 @@ return {seq, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', seq - after)}
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
 
+# The publish script runs by its digest (see RedisFanoutLayer._publish_by_sha).
+PUBLISH_SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
+
+
 @dataclass
 class _LoopClient:
-    """A command connection pool and the scripts bound to it, for one event loop."""
+    """A command connection pool, and the history script bound to it, for one event loop."""
 
     redis: aioredis.Redis
-    publish: object
     history: object
 
 
@@ -132,25 +136,41 @@ class RedisFanoutLayer(FanoutChannelLayer):
                 retry=Retry(NoBackoff(), 0),
             )
             redis = aioredis.Redis(connection_pool=pool)
-            client = self._clients[loop] = _LoopClient(
-                redis, redis.register_script(PUBLISH_SCRIPT), redis.register_script(HISTORY_SCRIPT)
-            )
+            client = self._clients[loop] = _LoopClient(redis, redis.register_script(HISTORY_SCRIPT))
         return client
 
     async def _publish(self, messages: list[tuple[str, Message]]) -> list[int]:
         client = self._client()
+        try:
+            return await self._publish_by_sha(client, messages)
+        except NoScriptError:
+            # Redis lost its scripts (a restart, SCRIPT FLUSH): the batch's EVALSHAs were all
+            # refused, none ran, so the batch is sent again once the script is loaded.
+            async with asyncio.timeout(self.command_timeout):
+                await client.redis.script_load(PUBLISH_SCRIPT)
+            return await self._publish_by_sha(client, messages)
+
+    async def _publish_by_sha(self, client: _LoopClient, messages: list[tuple[str, Message]]) -> list[int]:
+        """One pipelined round trip of EVALSHAs.
+
+        Not through redis-py's script support in pipelines: that sends SCRIPT EXISTS before
+        every batch, a second round trip on the broadcast's path (and a second wait for this
+        thread's turn at a busy server process's GIL).
+        """
         pipe = client.redis.pipeline(transaction=False)
+        history_ttl_ms, seq_ttl_ms = int(self.history_ttl * 1000), int(self.seq_ttl * 1000)
         for group, message in messages:
-            await client.publish(  # queues the script call on the pipeline
-                keys=self._keys(group),
-                args=[
-                    self._channel(group),
-                    self.encode(message),
-                    self.history_size,
-                    int(self.history_ttl * 1000),
-                    int(self.seq_ttl * 1000),
-                ],
-                client=pipe,
+            seq_key, history_key = self._keys(group)
+            pipe.evalsha(
+                PUBLISH_SCRIPT_SHA,
+                2,
+                seq_key,
+                history_key,
+                self._channel(group),
+                self.encode(message),
+                self.history_size,
+                history_ttl_ms,
+                seq_ttl_ms,
             )
         async with asyncio.timeout(self.command_timeout * 2):
             return [int(seq) for seq in await pipe.execute()]
