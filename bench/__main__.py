@@ -22,6 +22,11 @@ following the process-list group. Then:
    latency = arrival at the client minus the change's commit time (``last_modified_at``), which
    the worker stamps just before it enqueues the broadcast.
 
+Where the latency goes: for the project's layer a subscriber of the bench's own watches the
+process-list group's Redis channel, so the table also gives the latency up to the broker
+(commit -> publish seen at Redis), the rest being the servers' fan-out and the clients; and the
+whole machine's CPU use during the latency run, since everything shares the same cores.
+
 Loss is counted from the per-group ``seq`` where frames carry it (the project, raw), and from
 counts everywhere: a client that got fewer messages than were sent lost the rest.
 """
@@ -34,9 +39,11 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -79,16 +86,19 @@ class Result:
     latencies: list[float] = field(default_factory=list)
     latency_sent: int = 0
     latency_received: int = 0
+    broker_latencies: list[float] = field(default_factory=list)  # commit -> seen at Redis
+    machine_cpu_percent: float = math.nan  # all cores, during the latency run
     seq_gaps: int = 0
     rss_per_connection_kb: float = 0.0
     server_cpu_us: float = 0.0  # server CPU per delivery in the median burst
     client_cpu_us: float = 0.0  # the load generator's CPU per delivery, same burst
     closed: int = 0
 
-    def quantile(self, q: float) -> float:
-        if len(self.latencies) < 2:
+    def quantile(self, q: float, latencies: list[float] | None = None) -> float:
+        latencies = self.latencies if latencies is None else latencies
+        if len(latencies) < 2:
             return math.nan
-        return statistics.quantiles(self.latencies, n=100)[int(q * 100) - 1] * 1000
+        return statistics.quantiles(latencies, n=100)[int(q * 100) - 1] * 1000
 
     @property
     def lost(self) -> int:
@@ -245,6 +255,31 @@ class RawPublisher:
             self.client.publish(RAW_CHANNEL, raw_message(self.seq))
 
 
+class BrokerProbe:
+    """Subscribes to the project's process-list channel in Redis and notes, for each message,
+    how long after its commit (``last_modified_at``) Redis delivered it: the part of the
+    latency spent before the servers' fan-out."""
+
+    STAMP = re.compile(rb"last_modified_at\W+(\d{4}-\d\d-\d\dT[\d:.]+(?:[+-]\d\d:\d\d)?)")
+
+    def __init__(self, url: str):
+        self.latencies: list[float] = []
+        self._pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)
+        self._pubsub.psubscribe("*:group:process-list")
+        threading.Thread(target=self._listen, name="broker-probe", daemon=True).start()
+
+    def _listen(self) -> None:
+        with contextlib.suppress(redis.RedisError, ValueError):
+            for message in self._pubsub.listen():
+                now = time.time()
+                stamp = self.STAMP.search(message["data"])
+                if stamp:
+                    self.latencies.append(now - datetime.fromisoformat(stamp.group(1).decode()).timestamp())
+
+    def reset(self) -> None:
+        self.latencies = []
+
+
 def run_layer(name: str, args) -> Result:
     result = Result(name)
     layer_env = LAYERS[name]
@@ -268,6 +303,7 @@ def run_layer(name: str, args) -> Result:
         time.sleep(1)
         result.rss_per_connection_kb = (rss(servers) - rss_before) / args.clients / 1024
         publisher = RawPublisher(redis_server.url) if layer_env is None else None
+        probe = BrokerProbe(redis_server.url) if layer_env == LAYERS["project"] else None
 
         # 1. burst: the processes are started first and all tick from one moment, so what is
         # measured is the path from the workers on, flat out (not how fast HTTP starts them).
@@ -306,6 +342,7 @@ def run_layer(name: str, args) -> Result:
         if publisher is not None:
             sent = int(rate * args.latency_seconds)
             fleet.reset()
+            psutil.cpu_percent()  # the machine's CPU use from here
             publisher.publish(sent, rate)
         else:
             # Ticks evenly spread, like the raw reference's publisher: process i ticks at
@@ -317,7 +354,14 @@ def run_layer(name: str, args) -> Result:
             start_processes(servers, processes, processes / rate, start_at, stagger=1 / rate)
             time.sleep(max(0.0, start_at - time.time() - 0.2))
             fleet.reset()
+            if probe is not None:
+                probe.reset()
+            psutil.cpu_percent()  # the machine's CPU use from here
         reports = fleet.wait_for(sent * args.clients, timeout=args.latency_seconds * 4 + 10)
+        # wait_for ends a moment after the last delivery (its next poll), which barely dilutes this.
+        result.machine_cpu_percent = psutil.cpu_percent()
+        if probe is not None:
+            result.broker_latencies = probe.latencies
         result.latency_sent = sent * args.clients
         result.latency_received = sum(r["received"] for r in reports)
         result.latencies = [latency for r in reports for latency in r["latencies"]]
@@ -373,6 +417,24 @@ def print_table(results: list[Result], args) -> None:
             f"| {r.layer} | {r.deliveries_per_s:,.0f} | {vs_stock} | {vs_raw} | {r.latency_rate:.1f} | "
             f"{r.quantile(0.50):.1f} | {r.quantile(0.95):.1f} | {r.quantile(0.99):.1f} | {r.lost:,} | "
             f"{r.seq_gaps} | {r.rss_per_connection_kb:.1f} | {r.server_cpu_us:.1f} | {r.client_cpu_us:.1f} |"
+        )
+    print()
+    print("Latency run: the part up to the broker (project only) and the whole machine's CPU use")
+    print()
+    print(
+        "| layer | msgs/s | p50 ms | p99 ms | commit -> Redis p50 ms | commit -> Redis p99 ms "
+        "| machine CPU % |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        broker = (
+            f"{r.quantile(0.50, r.broker_latencies):.1f} | {r.quantile(0.99, r.broker_latencies):.1f}"
+            if r.broker_latencies
+            else "- | -"
+        )
+        print(
+            f"| {r.layer} | {r.latency_rate:.1f} | {r.quantile(0.50):.1f} | {r.quantile(0.99):.1f} | "
+            f"{broker} | {r.machine_cpu_percent:.0f} |"
         )
     print()
 
