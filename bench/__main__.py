@@ -14,7 +14,7 @@ following the process-list group. Then:
 1. burst: P processes of ``bench_ticks`` (9 steps, no delay) are started, and all take their
    first step at one agreed moment; from then on every step is a list message that each client
    must receive. Deliveries/s = messages received by all clients / time from that moment to
-   the last delivery; a short burst is run three times and the median counts. (The raw
+   the last delivery; a short burst is run five times and the median counts. (The raw
    reference gets the same number of messages, of the same size, published straight to Redis.)
    Bursts stay under 100 messages: the stock RedisChannelLayer drops what exceeds a channel's
    capacity (100) by design, which is not what is measured.
@@ -307,10 +307,10 @@ def run_layer(name: str, args) -> Result:
 
         # 1. burst: the processes are started first and all tick from one moment, so what is
         # measured is the path from the workers on, flat out (not how fast HTTP starts them).
-        # Three bursts (one if it is long); the median counts.
+        # Five bursts (one if it is long: the stock layers); the median counts.
         ticks = args.burst_processes * TICKS_MESSAGES
         bursts = []
-        for _ in range(3):
+        for _ in range(5):
             if publisher is None:
                 start_at = time.time() + 1 + 0.15 * args.burst_processes
                 start_processes(servers, args.burst_processes, 0.0, start_at)
