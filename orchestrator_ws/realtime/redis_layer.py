@@ -147,7 +147,7 @@ class RedisFanoutLayer(FanoutChannelLayer):
             # Redis lost its scripts (a restart, SCRIPT FLUSH): the batch's EVALSHAs were all
             # refused, none ran, so the batch is sent again once the script is loaded. (Only a
             # SCRIPT FLUSH landing inside the batch could let its first messages run and go out
-            # twice, under new seqs: the same state sent again, which clients take as an update.)
+            # twice, under new seqs; the dashboard merges a repeated step by its step_id.)
             async with asyncio.timeout(self.command_timeout):
                 await client.redis.script_load(PUBLISH_SCRIPT)
             return await self._publish_by_sha(client, messages)
