@@ -61,7 +61,7 @@ _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
 
 # The publish script runs by its digest (see RedisFanoutLayer._publish_by_sha).
-PUBLISH_SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
+PUBLISH_SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 
 @dataclass
