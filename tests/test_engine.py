@@ -10,7 +10,8 @@ import pytest
 from django.db import connection
 
 from engine_status import services as engine_lock
-from engine_status.selectors import get_engine_status
+from engine_status.models import EngineSettings
+from engine_status.selectors import get_engine_status, is_locked
 from processes import services
 from processes.engine import no_broadcast
 from processes.models import Process, ProcessStatus, ProcessStep
@@ -196,6 +197,16 @@ def test_resume_refused_while_locked(api_client):
     assert status_of(process_id) == "suspended"
     put_lock(api_client, False)
     assert status_of(process_id) == "suspended"  # unlock resumes paused runs, not suspended ones
+
+
+def test_the_lock_is_read_from_its_row_which_is_created_when_missing(api_client):
+    EngineSettings.objects.all().delete()
+    assert is_locked() is False
+    assert EngineSettings.objects.filter(pk=EngineSettings.SINGLETON_PK).exists()
+    put_lock(api_client, True)
+    assert is_locked() is True
+    put_lock(api_client, False)
+    assert is_locked() is False
 
 
 @pytest.mark.parametrize("body", ['{"global_lock": "yes"}', "{}", '{"global_lock": true, "x": 1}', "nope"])
