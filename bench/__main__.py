@@ -132,6 +132,9 @@ class ClientProcess:
     def report(self) -> dict:
         return json.loads(self.command("REPORT"))
 
+    def received(self) -> int:
+        return int(self.command("COUNT"))
+
     def quit(self) -> None:
         with contextlib.suppress(BrokenPipeError):
             self.process.stdin.write("QUIT\n")
@@ -162,17 +165,22 @@ class Fleet:
         return [client.report() for client in self.clients]
 
     def wait_for(self, expected: int, timeout: float, quiet: float = 3.0) -> list[dict]:
-        """Until ``expected`` frames arrived in all, or nothing arrived for ``quiet`` seconds."""
+        """Until ``expected`` frames arrived in all, or nothing arrived for ``quiet`` seconds;
+        then the reports.
+
+        Polled with COUNT, not REPORT: a report carries every latency sample so far, and
+        encoding thousands of floats five times a second stalled the clients' event loops more
+        the longer a run went, which showed as latency at the end of the run.
+        """
         deadline = time.monotonic() + timeout
         last_total, last_change = -1, time.monotonic()
         while True:
-            reports = self.reports()
-            total = sum(r["received"] for r in reports)
+            total = sum(client.received() for client in self.clients)
             now = time.monotonic()
             if total != last_total:
                 last_total, last_change = total, now
             if total >= expected or now - last_change > quiet or now > deadline:
-                return reports
+                return self.reports()
             time.sleep(0.2)
 
     def quit(self) -> None:

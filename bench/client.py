@@ -5,6 +5,7 @@ through stdin, one command per line, answering on stdout:
 
     READY                 printed once every connection is open
     RESET                 forget what arrived so far
+    COUNT                 print how many frames arrived (cheap: polled while frames arrive)
     REPORT                print one JSON line of statistics
     QUIT                  close everything and exit
 
@@ -126,6 +127,8 @@ async def main() -> None:
         if command == "RESET":
             stats.reset()
             print("OK", flush=True)
+        elif command == "COUNT":
+            print(stats.received, flush=True)
         elif command == "REPORT":
             closed = [c.close_code for c in connections if c.close_code is not None]
             report = {
