@@ -205,10 +205,12 @@ def start_processes(
     servers: list[DaphneServer], count: int, interval: float, start_at: float = 0.0, stagger: float = 0.0
 ) -> None:
     """``count`` bench_ticks processes, spread over the servers, started concurrently; process
-    ``i`` takes its first tick at ``start_at + i * stagger``."""
+    ``i`` takes its first tick at ``start_at + i * stagger`` and its last ``i * stagger`` later
+    than its interval alone would put it (see bench/workflows.py)."""
 
     def one(index: int) -> None:
-        body = json.dumps([{"interval": interval, "start_at": start_at + index * stagger}]).encode()
+        form = {"interval": interval, "start_at": start_at + index * stagger, "last_delay": index * stagger}
+        body = json.dumps([form]).encode()
         status, payload = servers[index % len(servers)].request("POST", "/api/processes/bench_ticks", body)
         if status != 201:
             raise RuntimeError(f"starting a process failed: {status} {payload[:200]!r}")
@@ -355,6 +357,8 @@ def run_layer(name: str, args) -> Result:
         else:
             # Ticks evenly spread, like the raw reference's publisher: process i ticks at
             # start_at + i/rate + k*processes/rate, so the group gets one message every 1/rate s.
+            # Done follows a process's last tick at once, so the last ticks come i/rate later
+            # still: those pairs of messages arrive at half the rate and the group's stays even.
             # As in a burst, what is counted starts with the first tick.
             processes = max(1, math.ceil(rate * args.latency_seconds / TICKS_MESSAGES))
             sent = processes * TICKS_MESSAGES
