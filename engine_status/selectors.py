@@ -52,7 +52,7 @@ def is_locked() -> bool:
     """Asked at every step boundary: one indexed read; the row is created only when missing.
 
     The read is one plain SQL statement: the ORM spent about 0.2 ms building the query each
-    time, an eighth of a short step's CPU, on the thread that runs the step.
+    time, a sixth of a short step's CPU, on the thread that runs the step.
     """
     quote = connection.ops.quote_name
     meta = EngineSettings._meta
