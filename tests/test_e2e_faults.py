@@ -9,13 +9,12 @@ import json
 import socket
 import statistics
 import time
-from datetime import datetime
 
 import psutil
 import pytest
 import websockets
 
-from tests.clients import Collector, assert_clean_log, http, start_process
+from tests.clients import Collector, LatencyRecorder, assert_clean_log, http, start_process
 from tests.servers import DaphneServer, RedisServer
 
 
@@ -262,18 +261,11 @@ async def test_a_client_that_stops_reading_is_closed_without_hurting_the_others(
         WS_MAX_CONNECTIONS_PER_IP="0",
     )
     with running(server):
-        readers = [await Collector(f"{server.ws}/api/processes/all/").start() for _ in range(100)]
+        readers = [await LatencyRecorder(f"{server.ws}/api/processes/all/").start() for _ in range(100)]
         process = psutil.Process(server.process.pid)
 
         def latencies(since: float) -> list[float]:
-            """Receive time minus the change's commit time, for frames received after ``since``."""
-            values = []
-            for reader in readers:
-                for received_at, frame in zip(reader.received_at, reader.frames, strict=False):
-                    if received_at > since and isinstance(frame, dict) and "process" in frame:
-                        changed = datetime.fromisoformat(frame["process"]["last_modified_at"]).timestamp()
-                        values.append(received_at - changed)
-            return values
+            return [latency for reader in readers for latency in reader.latencies_since(since)]
 
         workload = Workload([server], interval=0.15, step_delay=0.2).start()  # ~50 list messages/s
         await asyncio.sleep(4)
@@ -312,8 +304,9 @@ async def test_a_client_that_stops_reading_is_closed_without_hurting_the_others(
             f"others' p99 {p99 * 1000:.1f} ms -> {p99_loaded * 1000:.1f} ms "
             f"({len(baseline)} / {len(loaded)} samples)"
         )
-        # "Unchanged within noise": on this 2-core box the p99 of the same load varies by half
-        # between runs (40-130 ms seen), so the bound is twice the baseline or 100 ms over it.
+        # "Unchanged within noise": twice the baseline or 100 ms over it. Host hiccups still
+        # reach a p99 over seconds of a loaded 2-core box; a sleeper that hurt the others, by
+        # blocking the loop or buffering without bound, would move it by far more.
         assert p99_loaded < max(2 * p99, p99 + 0.1), (
             f"others' p99 {p99 * 1000:.1f} ms before, {p99_loaded * 1000:.1f} ms with the sleeper "
             f"(closed after {closed_after:.1f}s; {len(baseline)}/{len(loaded)} samples)"
