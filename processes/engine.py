@@ -25,11 +25,13 @@ from typing import Any, Protocol
 
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from engine_status import services as engine_lock
 from engine_status.selectors import is_locked
 from processes.models import (
+    EXECUTABLE_STATUSES,
     FAILED_STATUSES,
     Process,
     ProcessStatus,
@@ -196,19 +198,31 @@ class _Run:
 
     def execute(self, user_input: dict[str, Any] | None) -> None:
         close_old_connections()
-        process = Process.objects.filter(pk=self.process_id, run_claim=self.claim).first()
+        # A run may start long after its claim was taken (the pool was full): what was aborted
+        # meanwhile keeps the claim until here, but is not the run's to execute any more.
+        process = Process.objects.filter(
+            pk=self.process_id, run_claim=self.claim, last_status__in=EXECUTABLE_STATUSES
+        ).first()
         if process is None:
             return
+        # Both updates below are conditional on the status just read: an abort committed in
+        # between wins, rather than being overwritten.
+        unchanged = Process.objects.filter(
+            pk=process.pk, run_claim=self.claim, last_status=process.last_status
+        )
         workflow = registry.get(process.workflow_name)
         if workflow is None:
-            self._fail_unknown_workflow(process)
+            self._fail_unknown_workflow(process, unchanged)
             return
         if process.last_status != ProcessStatus.RUNNING:
             process.last_status = ProcessStatus.RUNNING
             process.last_modified_at = timezone.now()
-            Process.objects.filter(pk=process.pk, run_claim=self.claim).update(
+            started = unchanged.update(
                 last_status=process.last_status, last_modified_at=process.last_modified_at
             )
+            if not started:
+                logger.info("process %s changed before its run began (aborted); run not started", process.pk)
+                return
             notify(self.broadcast, process.pk, status=process.last_status)
         try:
             while not self.stopping.is_set() and not is_locked():
@@ -308,15 +322,16 @@ class _Run:
             traceback="".join(tb.format_exception(exc)),
         )
 
-    def _fail_unknown_workflow(self, process: Process) -> None:
+    def _fail_unknown_workflow(self, process: Process, unchanged: QuerySet[Process]) -> None:
         reason = f"workflow {process.workflow_name!r} is not registered on this server"
-        Process.objects.filter(pk=process.pk, run_claim=self.claim).update(
+        failed = unchanged.update(
             last_status=ProcessStatus.FAILED,
             failed_reason=reason,
             last_modified_at=timezone.now(),
             run_claim=None,
         )
-        notify(self.broadcast, process.pk, status=ProcessStatus.FAILED, status_counts_changed=True)
+        if failed:
+            notify(self.broadcast, process.pk, status=ProcessStatus.FAILED, status_counts_changed=True)
 
 
 _pool: WorkerPool | None = None

@@ -157,10 +157,17 @@ def abort_process(process_id: uuid.UUID, *, aborted_by: str, broadcast: Broadcas
 
 
 def delete_process(process_id: uuid.UUID, *, broadcast: BroadcastFunc) -> None:
-    """Delete a process and its steps; a run executing it stops at its next commit."""
-    deleted, _ = Process.objects.filter(pk=process_id).delete()
-    if not deleted:
-        raise ProcessNotFound(f"process {process_id} not found")
+    """Delete a process and its steps; a run executing it stops at its next commit.
+
+    The process row is locked first. A run's step commit holds that lock from its update of the
+    row to its commit, so the steps deleted next include any step committed just before; without
+    it, such a step would outlive the delete's own step query and fail its commit (PostgreSQL).
+    """
+    with transaction.atomic():
+        process = Process.objects.select_for_update().filter(pk=process_id).first()
+        if process is None:
+            raise ProcessNotFound(f"process {process_id} not found")
+        process.delete()
     notify(broadcast, process_id, deleted=True, status_counts_changed=True)
 
 

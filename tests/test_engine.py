@@ -7,14 +7,14 @@ import threading
 import time
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 
 from engine_status import services as engine_lock
 from engine_status.models import EngineSettings
 from engine_status.selectors import get_engine_status, is_locked
 from processes import services
-from processes.engine import no_broadcast
-from processes.models import Process, ProcessStatus, ProcessStep
+from processes.engine import _commit_step, no_broadcast
+from processes.models import Process, ProcessStatus, ProcessStep, StepStatus
 from processes.workflow import (
     ApiUnavailable,
     InconsistentData,
@@ -235,6 +235,52 @@ def test_many_processes_share_the_worker_pool(settings):
     for process_id in ids:
         assert [s.name for s in Process.objects.get(pk=process_id).steps.all()][-1] == "Done"
         assert Process.objects.get(pk=process_id).run_claim is None
+
+
+def test_a_process_aborted_while_its_run_waits_for_a_worker_stays_aborted(settings):
+    """The run of a process started on a full pool begins later, still holding its claim; by
+    then the process may be aborted, and the run must not bring it back to running."""
+    busy = [
+        services.start_process("long_running", [{"step_delay": 0.3}], created_by="t", broadcast=no_broadcast)
+        for _ in range(settings.MAX_WORKERS)
+    ]
+    queued = services.start_process("quick_steps", [], created_by="t", broadcast=no_broadcast)
+    services.abort_process(queued, aborted_by="t", broadcast=no_broadcast)
+    # No worker has come free yet (each busy run takes 1.5 s): the queued run has not begun.
+    assert not Process.objects.filter(pk__in=busy, last_status=ProcessStatus.COMPLETED).exists()
+
+    wait_until(lambda: Process.objects.get(pk=queued).run_claim is None, what="the queued run to let go")
+    process = Process.objects.get(pk=queued)
+    assert process.last_status == "aborted"
+    assert [s.name for s in process.steps.order_by("executed_at")] == ["Start", "Abort"]
+
+
+def test_a_delete_takes_the_step_a_run_is_committing_with_it():
+    """A run commits a step while the process is being deleted: the delete waits for that
+    commit and removes its step too (on PostgreSQL a step committed in between used to fail
+    the delete's commit on the foreign key)."""
+    process = Process.objects.create(
+        workflow_name="quick_steps", last_status=ProcessStatus.RUNNING, run_claim="c"
+    )
+    holding = threading.Event()
+
+    def commit_a_step_slowly():
+        try:
+            with transaction.atomic():  # _commit_step's own transaction nests in this one
+                _commit_step(process, "c", "Prepare", StepStatus.SUCCESS, state_delta={}, created_by="t")
+                holding.set()
+                time.sleep(0.5)  # the commit is in flight: the row stays locked
+        finally:
+            holding.set()
+            connection.close()
+
+    run = threading.Thread(target=commit_a_step_slowly)
+    run.start()
+    assert holding.wait(5)
+    services.delete_process(process.pk, broadcast=no_broadcast)
+    run.join()
+    assert not Process.objects.filter(pk=process.pk).exists()
+    assert not ProcessStep.objects.filter(process_id=process.pk).exists()
 
 
 def test_engine_lock_counts_are_atomic_under_contention():
