@@ -221,7 +221,7 @@ class _Run:
                 last_status=process.last_status, last_modified_at=process.last_modified_at
             )
             if not started:
-                logger.info("process %s changed before its run began (aborted); run not started", process.pk)
+                logger.info("process %s was aborted or deleted before its run began", process.pk)
                 return
             notify(self.broadcast, process.pk, status=process.last_status)
         try:

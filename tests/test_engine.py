@@ -263,13 +263,17 @@ def test_a_delete_takes_the_step_a_run_is_committing_with_it():
         workflow_name="quick_steps", last_status=ProcessStatus.RUNNING, run_claim="c"
     )
     holding = threading.Event()
+    committed = []
 
     def commit_a_step_slowly():
         try:
             with transaction.atomic():  # _commit_step's own transaction nests in this one
-                _commit_step(process, "c", "Prepare", StepStatus.SUCCESS, state_delta={}, created_by="t")
+                step = _commit_step(
+                    process, "c", "Prepare", StepStatus.SUCCESS, state_delta={}, created_by="t"
+                )
                 holding.set()
                 time.sleep(0.5)  # the commit is in flight: the row stays locked
+            committed.append(step.step_id)
         finally:
             holding.set()
             connection.close()
@@ -279,6 +283,7 @@ def test_a_delete_takes_the_step_a_run_is_committing_with_it():
     assert holding.wait(5)
     services.delete_process(process.pk, broadcast=no_broadcast)
     run.join()
+    assert len(committed) == 1  # the step was committed before the delete went through
     assert not Process.objects.filter(pk=process.pk).exists()
     assert not ProcessStep.objects.filter(process_id=process.pk).exists()
 
