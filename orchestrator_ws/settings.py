@@ -67,6 +67,8 @@ def _database(url: str) -> dict:
     """
     database = dj_database_url.parse(url, conn_max_age=0)
     if database["ENGINE"] == "django.db.backends.sqlite3":
+        # Django's backend with a fairer wait for the write lock (orchestrator_ws/sqlite).
+        database["ENGINE"] = "orchestrator_ws.sqlite"
         # A file, not Django's default in-memory test database: worker threads and the daphne
         # processes of end-to-end tests must all see the same data.
         name = str(database["NAME"])
