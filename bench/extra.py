@@ -44,8 +44,12 @@ def idle(args) -> int:
         rss_after = rss([server])
         per_connection_kb = (rss_after - rss_before) / args.connections / 1024
         cpu_began, idle_began = cpu_seconds([server]), time.monotonic()
+        full_gc_began = _full_gc_passes(server)
         time.sleep(args.idle_seconds)
         idle_cpu = (cpu_seconds([server]) - cpu_began) / (time.monotonic() - idle_began) * 100
+        full_gc_count, full_gc_seconds = (
+            now - then for now, then in zip(_full_gc_passes(server), full_gc_began, strict=True)
+        )
         open_now = _metric(server, 'orchestrator_ws_open_connections{group="process-list"}')
         print()
         print(
@@ -59,10 +63,13 @@ def idle(args) -> int:
         print()
         print(
             "| connections open | connect time s | RSS growth per connection KB | idle CPU % of a core "
-            f"(over {args.idle_seconds:.0f} s) |"
+            f"(over {args.idle_seconds:.0f} s) | full GC passes (their pause ms) |"
         )
-        print("|---|---|---|---|")
-        print(f"| {open_now:,.0f} | {connect_seconds:.1f} | {per_connection_kb:.1f} | {idle_cpu:.1f} |")
+        print("|---|---|---|---|---|")
+        print(
+            f"| {open_now:,.0f} | {connect_seconds:.1f} | {per_connection_kb:.1f} | {idle_cpu:.1f} "
+            f"| {full_gc_count:.0f} ({full_gc_seconds * 1000:.0f}) |"
+        )
         print()
         warm.quit()
         ok = per_connection_kb <= 30 and idle_cpu < 5 and open_now >= args.connections
@@ -73,6 +80,12 @@ def idle(args) -> int:
         server.stop()
         redis_server.stop()
         database.drop()
+
+
+def _full_gc_passes(server: DaphneServer) -> tuple[float, float]:
+    """How many full garbage collections the server has run, and their seconds in all."""
+    name = 'orchestrator_ws_gc_pause_seconds_{}{{generation="2"}}'
+    return _metric(server, name.format("count")), _metric(server, name.format("sum"))
 
 
 def _metric(server: DaphneServer, name: str) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import sys
 import daphne.server
 import pytest
 
-from orchestrator_ws.server import Server
+from orchestrator_ws.server import GC_PAUSE_SECONDS, GC_THRESHOLDS, Server, tune_garbage_collector
 from tests.helpers import wait_until
 from tests.servers import PROJECT_DIR, DaphneServer, server_environment
 
@@ -61,9 +62,35 @@ def test_daphne_serves_the_api_end_to_end(database):
         assert json.loads(body)["global_status"] == "RUNNING"
         status, _ = server.request("GET", "/api/processes/not-a-uuid")
         assert status == 400
+        # The launcher set the collector up: its passes so far (importing Django made some).
+        status, body = server.request("GET", "/metrics")
+        assert status == 200
+        assert 'orchestrator_ws_gc_pause_seconds_count{generation="0"}' in body.decode()
     finally:
         assert server.stop() == 0, server.log
     assert "Traceback" not in server.log
+
+
+@pytest.fixture
+def collector_restored():
+    thresholds, callbacks = gc.get_threshold(), list(gc.callbacks)
+    yield
+    gc.set_threshold(*thresholds)
+    gc.callbacks[:] = callbacks
+
+
+def test_the_collector_runs_less_often_and_each_pass_is_timed(collector_restored):
+    full_passes = GC_PAUSE_SECONDS.labels("2")
+    before = _histogram_count(full_passes)
+    tune_garbage_collector()
+    tune_garbage_collector()  # a second call adds no second timer
+    assert gc.get_threshold() == GC_THRESHOLDS
+    gc.collect()
+    assert _histogram_count(full_passes) == before + 1
+
+
+def _histogram_count(histogram) -> float:
+    return next(s.value for m in histogram.collect() for s in m.samples if s.name.endswith("_count"))
 
 
 @pytest.mark.django_db
