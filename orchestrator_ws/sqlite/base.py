@@ -42,21 +42,26 @@ class DatabaseWrapper(base.DatabaseWrapper):
         if not self._begin_takes_lock:
             super()._start_transaction_under_autocommit()
             return
-        raw = self.connection
-        raw.execute("PRAGMA busy_timeout = 0")
+        self.connection.execute("PRAGMA busy_timeout = 0")
+        try:
+            with self.wrap_database_errors:  # what fails is raised as Django's OperationalError
+                self._begin_without_busy_handler()
+        except BaseException:
+            self._restore_busy_handler()
+            raise
+
+    def _begin_without_busy_handler(self) -> None:
         deadline = time.monotonic() + self.busy_timeout
         pause = FIRST_PAUSE_SECONDS
-        with self.wrap_database_errors:  # what fails is raised as Django's OperationalError
-            while True:
-                try:
-                    raw.execute(f"BEGIN {self.transaction_mode}")
-                    return
-                except sqlite3.OperationalError as exc:
-                    if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
-                        self._restore_busy_handler()
-                        raise
-                time.sleep(pause)
-                pause = min(2 * pause, LONGEST_PAUSE_SECONDS)
+        while True:
+            try:
+                self.connection.execute(f"BEGIN {self.transaction_mode}")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(2 * pause, LONGEST_PAUSE_SECONDS)
 
     def _commit(self) -> None:
         try:
