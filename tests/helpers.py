@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from prometheus_client import REGISTRY
+
 T = TypeVar("T")
 
 
@@ -19,3 +21,8 @@ def wait_until(probe: Callable[[], T], *, timeout: float = 10.0, interval: float
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or probe}")
         time.sleep(interval)
+
+
+def metric(name: str, **labels) -> float:
+    """A sample of this process's Prometheus registry (0 before its first observation)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0

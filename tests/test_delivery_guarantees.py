@@ -13,7 +13,6 @@ import random
 import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
-from prometheus_client import REGISTRY
 
 from orchestrator_ws.realtime.consumers import GroupConsumer
 from orchestrator_ws.realtime.transport import QueuedTransport
@@ -21,6 +20,7 @@ from processes import messages, services
 from processes.models import Process
 from processes.process_data_broadcast import ProcessDataBroadcastThread
 from tests.conftest import redis_layer_config
+from tests.helpers import metric
 from tests.servers import RedisServer
 from tests.test_consumers import connected, start
 from tests.wsclient import WsClient
@@ -36,10 +36,6 @@ async def send_numbered(layer, count: int, start_at: int = 0) -> None:
     for first in range(start_at, start_at + count, 100):
         batch = range(first, min(first + 100, start_at + count))
         await layer.group_send_many([(messages.PROCESS_LIST_GROUP, frame_message(n)) for n in batch])
-
-
-def metric(name: str, **labels) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def test_list_page_seq_then_since_joins_without_gap_or_duplicate(broadcast_thread, api_client):

@@ -11,8 +11,8 @@ import sys
 import daphne.server
 import pytest
 
-from orchestrator_ws.server import GC_PAUSE_SECONDS, GC_THRESHOLDS, Server, tune_garbage_collector
-from tests.helpers import wait_until
+from orchestrator_ws.server import GC_THRESHOLDS, Server, tune_garbage_collector
+from tests.helpers import metric, wait_until
 from tests.servers import PROJECT_DIR, DaphneServer, server_environment
 
 
@@ -80,17 +80,13 @@ def collector_restored():
 
 
 def test_the_collector_runs_less_often_and_each_pass_is_timed(collector_restored):
-    full_passes = GC_PAUSE_SECONDS.labels("2")
-    before = _histogram_count(full_passes)
+    full_passes = "orchestrator_ws_gc_pause_seconds_count"
+    before = metric(full_passes, generation="2")
     tune_garbage_collector()
     tune_garbage_collector()  # a second call adds no second timer
     assert gc.get_threshold() == GC_THRESHOLDS
     gc.collect()
-    assert _histogram_count(full_passes) == before + 1
-
-
-def _histogram_count(histogram) -> float:
-    return next(s.value for m in histogram.collect() for s in m.samples if s.name.endswith("_count"))
+    assert metric(full_passes, generation="2") == before + 1
 
 
 @pytest.mark.django_db
