@@ -119,7 +119,8 @@ class Server(daphne.server.Server):
     application finished or whose socket closed. Here a connection is noted when one of those two
     things happens to it (its application's future completes, its socket closes), and daphne's
     own checker runs over just the noted ones; a closed one stays noted until it is reaped, for
-    daphne's application close timeout. The timeout walk runs every TIMEOUT_CHECK_SECONDS.
+    daphne's application close timeout. The timeout walk runs every TIMEOUT_CHECK_SECONDS and
+    calls daphne's check only for the connections that can have something to time out.
     """
 
     def __init__(self, *args, **kwargs):
@@ -150,7 +151,18 @@ class Server(daphne.server.Server):
         self.to_check.update(protocol for protocol, details in checked.items() if "disconnected" in details)
 
     def timeout_checker(self):
+        # An open websocket that heard from its client within the ping interval has nothing to
+        # time out (unless sessions have a time limit): daphne's check is skipped for it.
+        quiet_since = time.time() - self.ping_interval
+        unlimited_sessions = self.websocket_timeout < 0
         for protocol in list(self.connections):
+            if (
+                unlimited_sessions
+                and isinstance(protocol, WebSocketProtocol)
+                and protocol.state == protocol.STATE_OPEN
+                and protocol.last_ping > quiet_since
+            ):
+                continue
             protocol.check_timeouts()
         daphne.server.reactor.callLater(TIMEOUT_CHECK_SECONDS, self.timeout_checker)
 

@@ -7,9 +7,11 @@ import gc
 import json
 import subprocess
 import sys
+import time
 
 import daphne.server
 import pytest
+from daphne.ws_protocol import WebSocketProtocol
 
 from orchestrator_ws.server import GC_THRESHOLDS, Server, tune_garbage_collector
 from tests.helpers import metric, wait_until
@@ -149,3 +151,35 @@ async def test_the_server_reaps_only_connections_whose_application_ended_or_sock
     server.application_checker()
     assert seen_by_daphne[-1] == set()
     assert not server.connections[idle]["application_instance"].done()
+
+
+def test_the_timeout_walk_skips_open_websockets_heard_from_within_the_ping_interval(monkeypatch):
+    monkeypatch.setattr(daphne.server.reactor, "callLater", lambda *args: None)
+    checked = []
+
+    class Checked(WebSocketProtocol):
+        def check_timeouts(self):
+            checked.append(self)
+
+    def websocket(state: int, silent_for: float) -> Checked:
+        protocol = Checked()
+        protocol.state, protocol.last_ping = state, time.time() - silent_for
+        return protocol
+
+    class HttpConnection:
+        def check_timeouts(self):
+            checked.append(self)
+
+    chatty = websocket(WebSocketProtocol.STATE_OPEN, 5)
+    quiet = websocket(WebSocketProtocol.STATE_OPEN, 61)
+    connecting = websocket(WebSocketProtocol.STATE_CONNECTING, 0)
+    http = HttpConnection()
+    server = Server(None, endpoints=["tcp:port=0"], ping_interval=60, websocket_timeout=-1)
+    server.connections = {protocol: {} for protocol in (chatty, quiet, connecting, http)}
+    server.timeout_checker()
+    assert checked == [quiet, connecting, http]
+
+    checked.clear()
+    server.websocket_timeout = 3600  # sessions have a time limit: every connection is checked
+    server.timeout_checker()
+    assert checked == [chatty, quiet, connecting, http]
