@@ -43,8 +43,8 @@ def idle(args) -> int:
         time.sleep(5)
         rss_after = rss([server])
         per_connection_kb = (rss_after - rss_before) / args.connections / 1024
+        full_gc_began = _full_gc_passes(server)  # read before the window: a request costs CPU
         cpu_began, idle_began = cpu_seconds([server]), time.monotonic()
-        full_gc_began = _full_gc_passes(server)
         time.sleep(args.idle_seconds)
         idle_cpu = (cpu_seconds([server]) - cpu_began) / (time.monotonic() - idle_began) * 100
         full_gc_count, full_gc_seconds = (
@@ -85,15 +85,19 @@ def idle(args) -> int:
 def _full_gc_passes(server: DaphneServer) -> tuple[float, float]:
     """How many full garbage collections the server has run, and their seconds in all."""
     name = 'orchestrator_ws_gc_pause_seconds_{}{{generation="2"}}'
-    return _metric(server, name.format("count")), _metric(server, name.format("sum"))
+    count, seconds = _metrics(server, name.format("count"), name.format("sum"))
+    return count, seconds
 
 
 def _metric(server: DaphneServer, name: str) -> float:
+    return _metrics(server, name)[0]
+
+
+def _metrics(server: DaphneServer, *names: str) -> list[float]:
+    """Samples of the server's /metrics, read once (0 for a sample not there yet)."""
     text = urllib.request.urlopen(server.http + "/metrics", timeout=10).read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return [float(samples.get(name, 0.0)) for name in names]
 
 
 def _completed(server: DaphneServer) -> int:
