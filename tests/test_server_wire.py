@@ -108,6 +108,9 @@ class RawWebSocket:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
+    def close(self) -> None:
+        self.sock.close()
+
 
 @pytest.fixture
 def server(database):
@@ -117,8 +120,14 @@ def server(database):
     assert "Traceback" not in server.log
 
 
-def test_heartbeats_are_answered_however_their_frames_arrive(server):
+@pytest.fixture
+def client(server):
     client = RawWebSocket(server)
+    yield client
+    client.close()
+
+
+def test_heartbeats_are_answered_however_their_frames_arrive(client):
     client.send(client_frame(b"__ping__"))
     client.pongs(1)
     client.send(client_frame(b"__pi", fin=False))  # a fragmented message: autobahn joins it
@@ -145,8 +154,7 @@ def test_heartbeats_are_answered_however_their_frames_arrive(server):
     ],
     ids=["not UTF-8", "unmasked", "interleaved"],
 )
-def test_bad_small_frames_close_the_connection_with_autobahn_codes(server, writes, code):
-    client = RawWebSocket(server)
+def test_bad_small_frames_close_the_connection_with_autobahn_codes(client, writes, code):
     for data in writes:
         client.send(data)
         time.sleep(0.1)  # each write is a read of its own
