@@ -66,10 +66,13 @@ LAYERS = {
     "stock RedisPubSubChannelLayer": {"CHANNEL_LAYER": "redis-pubsub"},
     "raw ASGI reference": None,
 }
+# Every process of the latency run sleeps between its ticks on a worker thread of its own, so a
+# server needs a worker for each of its share (see latency_processes); the pool only starts the
+# threads it uses. 256 is the most MAX_WORKERS takes.
+WORKERS_PER_SERVER = 256
 SERVER_ENV = {
     "PROCESS_LIST_COALESCE_MS": "0",  # every step is a list message (coalescing is measured apart)
-    # Every process of the latency run sleeps between its ticks on a worker thread of its own.
-    "MAX_WORKERS": "100",
+    "MAX_WORKERS": str(WORKERS_PER_SERVER),
     "WS_MAX_CONNECTIONS_PER_IP": "0",
     "LOG_LEVEL": "WARNING",
     "WORKFLOW_MODULES": "processes.demo_workflows,bench.workflows",
@@ -219,6 +222,23 @@ def start_processes(
         list(pool.map(one, range(count)))
 
 
+def latency_processes(rate: float, seconds: float, servers: int) -> int:
+    """How many bench_ticks processes carry a latency run of ``rate`` messages/s.
+
+    They all run for the whole run, each on a worker thread: a process queued behind a full
+    pool would tick late and its messages would be counted as lost, so a run that needs more
+    workers than the servers have is refused instead.
+    """
+    processes = max(1, math.ceil(rate * seconds / TICKS_MESSAGES))
+    if math.ceil(processes / servers) > WORKERS_PER_SERVER:
+        raise SystemExit(
+            f"a latency run of {seconds:g} s at {rate:g} messages/s needs {processes} processes "
+            f"running at once, more than {servers} servers with {WORKERS_PER_SERVER} workers "
+            "each can hold: shorten --latency-seconds, lower --latency-rate or add --servers"
+        )
+    return processes
+
+
 RAW_TEMPLATE = None
 
 
@@ -360,7 +380,7 @@ def run_layer(name: str, args) -> Result:
             # Done follows a process's last tick at once, so the last ticks come i/rate later
             # still: those pairs of messages arrive at half the rate and the group's stays even.
             # As in a burst, what is counted starts with the first tick.
-            processes = max(1, math.ceil(rate * args.latency_seconds / TICKS_MESSAGES))
+            processes = latency_processes(rate, args.latency_seconds, len(servers))
             sent = processes * TICKS_MESSAGES
             start_at = time.time() + 1 + 0.05 * processes
             start_processes(servers, processes, processes / rate, start_at, stagger=1 / rate)
@@ -499,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         args.clients, args.client_processes, args.burst_processes = 40, 2, 2
         args.latency_seconds = 2
         args.layers = args.layers or ["project"]
+    if args.mode == "fanout" and args.latency_rate:
+        latency_processes(args.latency_rate, args.latency_seconds, args.servers)  # refuse it now
     os.chdir(PROJECT_DIR)
     if args.mode == "fanout":
         return fanout(args)
