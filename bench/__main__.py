@@ -18,7 +18,8 @@ following the process-list group. Then:
    reference gets the same number of messages, of the same size, published straight to Redis.)
    Bursts stay under 100 messages: the stock RedisChannelLayer drops what exceeds a channel's
    capacity (100) by design, which is not what is measured.
-2. latency: half the burst's message rate, sustained for a few seconds through the same path;
+2. latency: half the burst's message rate (or each rate given with ``--latency-rate``, one run
+   after the other on the same servers and clients), sustained for a few seconds through the same path;
    latency = arrival at the client minus the change's commit time (``last_modified_at``), which
    the worker stamps just before it enqueues the broadcast.
 
@@ -79,34 +80,41 @@ SERVER_ENV = {
 }
 
 
+def percentile_ms(latencies: list[float], q: float) -> float:
+    if len(latencies) < 2:
+        return math.nan
+    return statistics.quantiles(latencies, n=100)[int(q * 100) - 1] * 1000
+
+
+@dataclass
+class LatencyRun:
+    """One sustained run at ``rate`` messages/s (step 2 of the module docstring)."""
+
+    rate: float
+    sent: int = 0
+    received: int = 0
+    latencies: list[float] = field(default_factory=list)
+    broker_latencies: list[float] = field(default_factory=list)  # commit -> seen at Redis
+    machine_cpu_percent: float = math.nan  # all cores
+    seq_gaps: int = 0
+
+
 @dataclass
 class Result:
     layer: str
     deliveries_per_s: float = 0.0
     burst_sent: int = 0
     burst_received: int = 0
-    latency_rate: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-    latency_sent: int = 0
-    latency_received: int = 0
-    broker_latencies: list[float] = field(default_factory=list)  # commit -> seen at Redis
-    machine_cpu_percent: float = math.nan  # all cores, during the latency run
+    latency_runs: list[LatencyRun] = field(default_factory=list)
     seq_gaps: int = 0
     rss_per_connection_kb: float = 0.0
     server_cpu_us: float = 0.0  # server CPU per delivery in the median burst
     client_cpu_us: float = 0.0  # the load generator's CPU per delivery, same burst
-    closed: int = 0
-
-    def quantile(self, q: float, latencies: list[float] | None = None) -> float:
-        latencies = self.latencies if latencies is None else latencies
-        if len(latencies) < 2:
-            return math.nan
-        return statistics.quantiles(latencies, n=100)[int(q * 100) - 1] * 1000
 
     @property
     def lost(self) -> int:
-        return max(0, self.burst_sent - self.burst_received) + max(
-            0, self.latency_sent - self.latency_received
+        return max(0, self.burst_sent - self.burst_received) + sum(
+            max(0, run.sent - run.received) for run in self.latency_runs
         )
 
 
@@ -310,6 +318,42 @@ class BrokerProbe:
         self.latencies = []
 
 
+def measure_latency(
+    rate: float, args, servers: list[DaphneServer], fleet: Fleet, publisher: RawPublisher | None, probe
+) -> LatencyRun:
+    run = LatencyRun(rate)
+    if publisher is not None:
+        sent = int(rate * args.latency_seconds)
+        fleet.reset()
+        psutil.cpu_percent()  # the machine's CPU use from here
+        publisher.publish(sent, rate)
+    else:
+        # Ticks evenly spread, like the raw reference's publisher: process i ticks at
+        # start_at + i/rate + k*processes/rate, so the group gets one message every 1/rate s.
+        # Done follows a process's last tick at once, so the last ticks come i/rate later
+        # still: those pairs of messages arrive at half the rate and the group's stays even.
+        # As in a burst, what is counted starts with the first tick.
+        processes = latency_processes(rate, args.latency_seconds, len(servers))
+        sent = processes * TICKS_MESSAGES
+        start_at = time.time() + 1 + 0.05 * processes
+        start_processes(servers, processes, processes / rate, start_at, stagger=1 / rate)
+        time.sleep(max(0.0, start_at - time.time() - 0.2))
+        fleet.reset()
+        if probe is not None:
+            probe.reset()
+        psutil.cpu_percent()  # the machine's CPU use from here
+    reports = fleet.wait_for(sent * args.clients, timeout=args.latency_seconds * 4 + 10)
+    # wait_for ends a moment after the last delivery (its next poll), which barely dilutes this.
+    run.machine_cpu_percent = psutil.cpu_percent()
+    if probe is not None:
+        run.broker_latencies = probe.latencies
+    run.sent = sent * args.clients
+    run.received = sum(r["received"] for r in reports)
+    run.latencies = [latency for r in reports for latency in r["latencies"]]
+    run.seq_gaps = sum(r["gaps"] for r in reports)
+    return run
+
+
 def run_layer(name: str, args) -> Result:
     result = Result(name)
     layer_env = LAYERS[name]
@@ -366,39 +410,11 @@ def run_layer(name: str, args) -> Result:
         bursts.sort()
         result.deliveries_per_s, result.server_cpu_us, result.client_cpu_us = bursts[len(bursts) // 2]
 
-        # 2. latency at half the burst's message rate
-        rate = args.latency_rate or max(0.5, 0.5 * result.deliveries_per_s / args.clients)  # messages/s
-        result.latency_rate = rate
-        if publisher is not None:
-            sent = int(rate * args.latency_seconds)
-            fleet.reset()
-            psutil.cpu_percent()  # the machine's CPU use from here
-            publisher.publish(sent, rate)
-        else:
-            # Ticks evenly spread, like the raw reference's publisher: process i ticks at
-            # start_at + i/rate + k*processes/rate, so the group gets one message every 1/rate s.
-            # Done follows a process's last tick at once, so the last ticks come i/rate later
-            # still: those pairs of messages arrive at half the rate and the group's stays even.
-            # As in a burst, what is counted starts with the first tick.
-            processes = latency_processes(rate, args.latency_seconds, len(servers))
-            sent = processes * TICKS_MESSAGES
-            start_at = time.time() + 1 + 0.05 * processes
-            start_processes(servers, processes, processes / rate, start_at, stagger=1 / rate)
-            time.sleep(max(0.0, start_at - time.time() - 0.2))
-            fleet.reset()
-            if probe is not None:
-                probe.reset()
-            psutil.cpu_percent()  # the machine's CPU use from here
-        reports = fleet.wait_for(sent * args.clients, timeout=args.latency_seconds * 4 + 10)
-        # wait_for ends a moment after the last delivery (its next poll), which barely dilutes this.
-        result.machine_cpu_percent = psutil.cpu_percent()
-        if probe is not None:
-            result.broker_latencies = probe.latencies
-        result.latency_sent = sent * args.clients
-        result.latency_received = sum(r["received"] for r in reports)
-        result.latencies = [latency for r in reports for latency in r["latencies"]]
-        result.seq_gaps += sum(r["gaps"] for r in reports)
-        result.closed = max(r["closed"] for r in reports)
+        # 2. latency at half the burst's message rate, or at each rate asked for
+        for rate in args.latency_rate or [max(0.5, 0.5 * result.deliveries_per_s / args.clients)]:
+            run = measure_latency(rate, args, servers, fleet, publisher, probe)
+            result.latency_runs.append(run)
+            result.seq_gaps += run.seq_gaps
     finally:
         if fleet is not None:
             fleet.quit()
@@ -445,29 +461,34 @@ def print_table(results: list[Result], args) -> None:
             f"{r.deliveries_per_s / stock.deliveries_per_s:.1f}x" if stock and stock.deliveries_per_s else "-"
         )
         vs_raw = f"{r.deliveries_per_s / raw.deliveries_per_s:.2f}x" if raw and raw.deliveries_per_s else "-"
+        first = r.latency_runs[0] if r.latency_runs else LatencyRun(math.nan)
         print(
-            f"| {r.layer} | {r.deliveries_per_s:,.0f} | {vs_stock} | {vs_raw} | {r.latency_rate:.1f} | "
-            f"{r.quantile(0.50):.1f} | {r.quantile(0.95):.1f} | {r.quantile(0.99):.1f} | {r.lost:,} | "
-            f"{r.seq_gaps} | {r.rss_per_connection_kb:.1f} | {r.server_cpu_us:.1f} | {r.client_cpu_us:.1f} |"
+            f"| {r.layer} | {r.deliveries_per_s:,.0f} | {vs_stock} | {vs_raw} | {first.rate:.1f} | "
+            f"{percentile_ms(first.latencies, 0.50):.1f} | {percentile_ms(first.latencies, 0.95):.1f} | "
+            f"{percentile_ms(first.latencies, 0.99):.1f} | {r.lost:,} | {r.seq_gaps} | "
+            f"{r.rss_per_connection_kb:.1f} | {r.server_cpu_us:.1f} | {r.client_cpu_us:.1f} |"
         )
     print()
-    print("Latency run: the part up to the broker (project only) and the whole machine's CPU use")
+    print("Latency runs: the part up to the broker (project only) and the whole machine's CPU use")
     print()
     print(
-        "| layer | msgs/s | p50 ms | p99 ms | commit -> Redis p50 ms | commit -> Redis p99 ms "
-        "| machine CPU % |"
+        "| layer | msgs/s | p50 ms | p95 ms | p99 ms | lost | commit -> Redis p50 ms "
+        "| commit -> Redis p99 ms | machine CPU % |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        broker = (
-            f"{r.quantile(0.50, r.broker_latencies):.1f} | {r.quantile(0.99, r.broker_latencies):.1f}"
-            if r.broker_latencies
-            else "- | -"
-        )
-        print(
-            f"| {r.layer} | {r.latency_rate:.1f} | {r.quantile(0.50):.1f} | {r.quantile(0.99):.1f} | "
-            f"{broker} | {r.machine_cpu_percent:.0f} |"
-        )
+        for run in r.latency_runs:
+            broker = (
+                f"{percentile_ms(run.broker_latencies, 0.50):.1f} | "
+                f"{percentile_ms(run.broker_latencies, 0.99):.1f}"
+                if run.broker_latencies
+                else "- | -"
+            )
+            print(
+                f"| {r.layer} | {run.rate:.1f} | {percentile_ms(run.latencies, 0.50):.1f} | "
+                f"{percentile_ms(run.latencies, 0.95):.1f} | {percentile_ms(run.latencies, 0.99):.1f} | "
+                f"{max(0, run.sent - run.received):,} | {broker} | {run.machine_cpu_percent:.0f} |"
+            )
     print()
 
 
@@ -503,8 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--latency-rate",
         type=float,
-        default=0,
-        help="messages/s of the latency run (default: half the burst's)",
+        nargs="+",
+        default=[],
+        metavar="RATE",
+        help="messages/s of the latency run; several: a run at each (default: half the burst's)",
     )
     parser.add_argument("--layers", nargs="*", choices=list(LAYERS), help="default: all")
     parser.add_argument("--connections", type=int, default=10_000, help="idle mode")
@@ -519,8 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         args.clients, args.client_processes, args.burst_processes = 40, 2, 2
         args.latency_seconds = 2
         args.layers = args.layers or ["project"]
-    if args.mode == "fanout" and args.latency_rate:
-        latency_processes(args.latency_rate, args.latency_seconds, args.servers)  # refuse it now
+    if args.mode == "fanout":
+        for rate in args.latency_rate:
+            latency_processes(rate, args.latency_seconds, args.servers)  # refuse it now
     os.chdir(PROJECT_DIR)
     if args.mode == "fanout":
         return fanout(args)
