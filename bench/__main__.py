@@ -314,8 +314,10 @@ class BrokerProbe:
                 if stamp:
                     self.latencies.append(now - datetime.fromisoformat(stamp.group(1).decode()).timestamp())
 
-    def reset(self) -> None:
-        self.latencies = []
+    def take(self) -> list[float]:
+        """The latencies noted since the last take, and a fresh start."""
+        latencies, self.latencies = self.latencies, []
+        return latencies
 
 
 def measure_latency(
@@ -340,13 +342,13 @@ def measure_latency(
         time.sleep(max(0.0, start_at - time.time() - 0.2))
         fleet.reset()
         if probe is not None:
-            probe.reset()
+            probe.take()  # not the processes' start
         psutil.cpu_percent()  # the machine's CPU use from here
     reports = fleet.wait_for(sent * args.clients, timeout=args.latency_seconds * 4 + 10)
     # wait_for ends a moment after the last delivery (its next poll), which barely dilutes this.
     run.machine_cpu_percent = psutil.cpu_percent()
     if probe is not None:
-        run.broker_latencies = probe.latencies
+        run.broker_latencies = probe.take()  # not the next run's start
     run.sent = sent * args.clients
     run.received = sum(r["received"] for r in reports)
     run.latencies = [latency for r in reports for latency in r["latencies"]]
