@@ -14,6 +14,8 @@ from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 
 from engine_status import services as engine_lock
+from orchestrator_ws.realtime.consumers import GroupConsumer
+from orchestrator_ws.realtime.layers import Batch, stamp
 from processes import messages, services
 from processes.models import Process
 from tests.clients import assert_contiguous
@@ -356,3 +358,48 @@ async def test_detail_of_a_finished_process_is_one_closing_snapshot(broadcast_th
     snapshot = await client.frame()
     assert snapshot["process"]["status"] == "completed" and snapshot["close"] is True
     assert await client.closed_with() == 1000
+
+
+class BatchRecorder:
+    """A transport that takes (or refuses) batches and keeps what it took."""
+
+    def __init__(self, takes: bool = True):
+        self.takes = takes
+        self.written: list[bytes] = []
+
+    def send_batch(self, wire: bytes) -> bool:
+        if self.takes:
+            self.written.append(wire)
+        return self.takes
+
+
+def in_step_consumer(transport, last_seq: int = 10):
+    consumer = GroupConsumer()
+    consumer.group, consumer.transport, consumer.last_seq = "g", transport, last_seq
+    return consumer
+
+
+def batch_after(after: int, *seqs: int):
+    batch = Batch(after)
+    for seq in seqs:
+        batch.add(stamp({"type": "group.frame", "text": f'{{"n":{seq}}}'}, seq))
+    return batch
+
+
+def test_a_client_in_step_takes_a_batch_in_one_write_and_moves_on_to_its_last_seq():
+    transport = BatchRecorder()
+    consumer = in_step_consumer(transport)
+    batch = batch_after(10, 11, 12)
+    assert consumer.deliver_batch("g", batch)
+    assert transport.written == [batch.wire] and consumer.last_seq == 12
+
+
+@pytest.mark.parametrize("state", ["behind", "syncing", "closing", "transport refuses", "no seq yet"])
+def test_a_client_not_in_step_gets_the_batch_one_message_at_a_time(state):
+    transport = BatchRecorder(takes=state != "transport refuses")
+    consumer = in_step_consumer(transport, last_seq={"behind": 9, "no seq yet": None}.get(state, 10))
+    consumer._buffer = [] if state == "syncing" else None
+    consumer._closing = state == "closing"
+    assert not consumer.deliver_batch("g", batch_after(10, 11, 12))
+    assert transport.written == []
+    assert consumer.last_seq == {"behind": 9, "no seq yet": None}.get(state, 10)

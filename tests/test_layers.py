@@ -10,8 +10,9 @@ import uuid
 import pytest
 import redis
 
-from orchestrator_ws.realtime.layers import InMemoryFanoutLayer, contiguous, stamp
+from orchestrator_ws.realtime.layers import Hub, InMemoryFanoutLayer, contiguous, stamp
 from orchestrator_ws.realtime.redis_layer import PUBLISH_SCRIPT_SHA, RedisFanoutLayer
+from orchestrator_ws.realtime.transport import TextFrame
 from tests.servers import RedisServer
 
 
@@ -25,8 +26,39 @@ class Member:
     def deliver(self, group, message):
         self.messages.append(message)
 
+    def deliver_batch(self, group, batch):
+        return False  # one by one, through deliver
+
     def messages_may_be_lost(self, group):
         self.lost.append(group)
+
+
+class BatchMember(Member):
+    """A member that takes batches (as a client in step does) and records each one."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches: list[tuple[int, int, bytes]] = []
+
+    def deliver_batch(self, group, batch):
+        self.batches.append((batch.after, batch.last, batch.wire))
+        self.messages.extend(batch.messages)
+        return True
+
+
+def frame(n: int, **extra) -> dict:
+    return {"type": "group.frame", "text": f'{{"n":{n}}}', **extra}
+
+
+def hub_with(**members) -> tuple[Hub, dict[str, asyncio.Queue]]:
+    queues: dict[str, asyncio.Queue] = {}
+    hub = Hub(lambda channel: queues.setdefault(channel, asyncio.Queue()))
+    for channel, member in members.items():
+        hub.add("g", channel)
+        if member is not None:
+            hub.members[channel] = member
+    hub.latest["g"] = 10
+    return hub, queues
 
 
 async def wait_for(predicate, timeout=5.0):
@@ -270,3 +302,54 @@ async def test_a_paused_redis_is_detected_by_missed_pings():
     finally:
         server.resume()
         server.stop()
+
+
+async def test_the_frames_of_one_loop_iteration_reach_a_member_as_one_batch():
+    taker, one_by_one = BatchMember(), Member()
+    hub, queues = hub_with(a=taker, b=one_by_one, c=None)
+    for seq in (11, 12, 13):
+        hub.dispatch("g", seq, frame(seq))
+    assert taker.messages == [] and one_by_one.messages == []  # not before the iteration ends
+    await asyncio.sleep(0)
+    wire = b"".join(TextFrame(f'{{"seq":{seq},"n":{seq}}}').wire for seq in (11, 12, 13))
+    assert taker.batches == [(10, 13, wire)]
+    assert [m["seq"] for m in one_by_one.messages] == [11, 12, 13]
+    assert [queues["c"].get_nowait()["seq"] for _ in range(3)] == [11, 12, 13]
+
+
+async def test_a_resync_a_closing_frame_or_a_gap_goes_out_after_the_batch_before_it():
+    taker = BatchMember()
+    hub, _ = hub_with(a=taker)
+    hub.dispatch("g", 11, frame(11))
+    hub.dispatch("g", 12, {"type": "group.resync"})
+    hub.dispatch("g", 13, frame(13))
+    hub.dispatch("g", 14, frame(14, close=True))
+    hub.dispatch("g", 16, frame(16))  # 15 never came
+    hub.dispatch("g", 17, frame(17))
+    await asyncio.sleep(0)
+    assert [m["seq"] for m in taker.messages] == [11, 12, 13, 14, 16, 17]
+    # Batches: 11 and 13 alone (a resync and a closing frame follow them), 17 after the gap;
+    # 12, 14 and 16 went through deliver, where the member checks them.
+    assert [(after, last) for after, last, _ in taker.batches] == [(10, 11), (12, 13), (16, 17)]
+
+
+async def test_a_member_joining_mid_iteration_gets_only_what_follows_its_join():
+    early, late = BatchMember(), BatchMember()
+    hub, _ = hub_with(a=early)
+    hub.dispatch("g", 11, frame(11))
+    hub.add("g", "b")
+    hub.members["b"] = late
+    hub.dispatch("g", 12, frame(12))
+    await asyncio.sleep(0)
+    assert [m["seq"] for m in early.messages] == [11, 12]
+    assert [m["seq"] for m in late.messages] == [12]
+
+
+async def test_a_message_that_does_not_follow_the_batch_waits_for_it():
+    member = BatchMember()
+    hub, _ = hub_with(a=member)
+    hub.dispatch("g", 11, frame(11))
+    hub.latest["g"] = 12  # a subscription read a newer seq than was dispatched here
+    hub.dispatch("g", 13, frame(13))
+    await asyncio.sleep(0)
+    assert [m["seq"] for m in member.messages] == [11, 13]

@@ -38,7 +38,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from orchestrator_ws.realtime.layers import FanoutChannelLayer, Message
+from orchestrator_ws.realtime.layers import Batch, FanoutChannelLayer, Message
 from orchestrator_ws.realtime.limits import ClientMessageGuard, open_connections
 from orchestrator_ws.realtime.metrics import (
     CONNECTIONS_REFUSED,
@@ -320,6 +320,16 @@ class GroupConsumer(AsyncWebsocketConsumer):
             self._buffer.append(message)
         else:
             self._buffer_overflowed = True
+
+    def deliver_batch(self, group: str, batch: Batch) -> bool:
+        """A run of plain frames (the GroupMember protocol): one write when this client has
+        everything before it and nothing else is queued for its socket."""
+        if self._closing or self._buffer is not None or self.last_seq is None or self.last_seq != batch.after:
+            return False
+        if not self.transport.send_batch(batch.wire):
+            return False
+        self.last_seq = batch.last
+        return True
 
     def messages_may_be_lost(self, group: str) -> None:
         """The server's stream was interrupted: catch up from the history (or resync)."""

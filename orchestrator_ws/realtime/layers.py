@@ -36,6 +36,7 @@ from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer
 
 from orchestrator_ws.realtime.metrics import MESSAGES_FANNED_OUT, group_kind
+from orchestrator_ws.realtime.transport import TextFrame
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ class GroupMember(Protocol):
 
     def deliver(self, group: str, message: Message) -> None:
         """A stamped group message, in ``seq`` order; called on the hub's event loop."""
+
+    def deliver_batch(self, group: str, batch: Batch) -> bool:
+        """Take a run of messages at once if the member is in step with it; False: it gets
+        them one by one through ``deliver`` instead."""
 
     def messages_may_be_lost(self, group: str) -> None:
         """The server's own stream of ``group`` was interrupted (e.g. Redis reconnected)."""
@@ -65,6 +70,39 @@ def stamp(message: Message, seq: int) -> Message:
         rest = text[1:]
         stamped["text"] = f'{{"seq":{seq}' + ("," + rest if rest != "}" else "}")
     return stamped
+
+
+class Batch:
+    """A group's plain frames of one event-loop iteration, in unbroken ``seq`` order.
+
+    Every member in step with the group (it has everything up to ``after``) takes the batch as
+    one write of one joined buffer: the hub touches each member once per batch, not once per
+    message, and the frames are joined once per server process, not once per socket.
+    """
+
+    __slots__ = ("after", "last", "messages", "_wire")
+
+    def __init__(self, after: int):
+        self.after = after
+        self.last = after
+        self.messages: list[Message] = []
+        self._wire: bytes | None = None
+
+    @staticmethod
+    def takes(message: Message) -> bool:
+        """Plain frames only: a resync or a closing frame goes through each member's checks."""
+        return message["type"] == "group.frame" and not message.get("close")
+
+    def add(self, message: Message) -> None:
+        self.messages.append(message)
+        self.last = message["seq"]
+        self._wire = None
+
+    @property
+    def wire(self) -> bytes:
+        if self._wire is None:
+            self._wire = b"".join(TextFrame.of(message).wire for message in self.messages)
+        return self._wire
 
 
 class History:
@@ -99,7 +137,13 @@ def contiguous(after: int, current: int, entries: Iterable[tuple[int, float, Mes
 
 
 class Hub:
-    """This server process's local fan-out: which local channels are in which group."""
+    """This server process's local fan-out: which local channels are in which group.
+
+    Plain frames are not handed out as they arrive: the frames a group gets within one event-loop
+    iteration gather in a :class:`Batch`, delivered when the loop has run its current callbacks
+    (as soon as a lone message allows, many at once when the loop is behind), and before
+    anything else reaches the group's members (a membership change, a resync, a closing frame).
+    """
 
     def __init__(self, queue_for: Callable[[str], asyncio.Queue]) -> None:
         self.groups: dict[str, dict[str, None]] = {}
@@ -109,9 +153,12 @@ class Hub:
         self.latest: dict[str, int] = {}
         # Channels without a member get group messages through their queue (stock consumers).
         self.queue_for = queue_for
+        self._batches: dict[str, Batch] = {}
+        self._flush_scheduled = False
 
     def add(self, group: str, channel: str) -> bool:
         """Add a member; True when it is the group's first local member."""
+        self.flush(group)
         channels = self.groups.setdefault(group, {})
         first = not channels
         channels[channel] = None
@@ -122,6 +169,7 @@ class Hub:
         channels = self.groups.get(group)
         if channels is None:
             return False
+        self.flush(group)
         channels.pop(channel, None)
         if channels:
             return False
@@ -134,16 +182,54 @@ class Hub:
         channels = self.groups.get(group)
         if not channels:
             return
+        after = self.latest.get(group)
         self.latest[group] = seq
         stamped = stamp(message, seq)
         MESSAGES_FANNED_OUT.labels(group_kind(group)).inc(len(channels))
+        batch = self._batches.get(group)
+        if Batch.takes(stamped) and after == seq - 1 and (batch is None or batch.last == after):
+            if batch is None:
+                batch = self._batches[group] = Batch(after)
+                self._schedule_flush()
+            batch.add(stamped)
+            return
+        self.flush(group)
+        for channel in list(channels):
+            self._deliver(group, channel, self.members.get(channel), [stamped])
+
+    def flush(self, group: str) -> None:
+        """Deliver the group's pending batch now."""
+        batch = self._batches.pop(group, None)
+        channels = self.groups.get(group)
+        if batch is None or not channels:
+            return
         for channel in list(channels):
             member = self.members.get(channel)
             try:
+                if member is not None and member.deliver_batch(group, batch):
+                    continue
+            except Exception:
+                logger.exception("delivering a batch of group %s to %s failed", group, channel)
+                continue
+            self._deliver(group, channel, member, batch.messages)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_all)
+
+    def _flush_all(self) -> None:
+        self._flush_scheduled = False
+        for group in list(self._batches):
+            self.flush(group)
+
+    def _deliver(self, group: str, channel: str, member: GroupMember | None, messages: list[Message]) -> None:
+        for message in messages:
+            try:
                 if member is not None:
-                    member.deliver(group, stamped)
+                    member.deliver(group, message)
                 else:
-                    self.queue_for(channel).put_nowait(stamped)
+                    self.queue_for(channel).put_nowait(message)
             except asyncio.QueueFull:
                 logger.warning("channel %s is full; dropped a message of group %s", channel, group)
             except Exception:
@@ -152,10 +238,12 @@ class Hub:
     def lost(self, groups: Iterable[str]) -> None:
         """Tell the members of ``groups`` that messages may have been lost."""
         for group in list(groups):
+            self.flush(group)
             for member in self._members_of(group):
                 member.messages_may_be_lost(group)
 
     def audit(self, group: str, seq: int) -> None:
+        self.flush(group)
         for member in self._members_of(group):
             member.audit(group, seq)
 

@@ -74,6 +74,10 @@ class Transport(Protocol):
     def send_text(self, text: str) -> bool:
         """``send_frame`` of a one-off text."""
 
+    def send_batch(self, wire: bytes) -> bool:
+        """Write whole frames now if nothing is queued ahead of them (no limit to check then);
+        False: not written, they go through ``send_frame`` one by one."""
+
     def close(self, code: int) -> None:
         """Close after the frames already queued."""
 
@@ -92,7 +96,8 @@ class DaphneTransport:
     the current batch of callbacks, then writes it in one send (see :func:`_flush_pending`).
     A lone update still leaves within the same loop iteration; a burst of messages to the same
     clients becomes one segment per client rather than one per frame, which is what spares
-    both ends a system call and a wake-up per message.
+    both ends a system call and a wake-up per message. Group messages mostly come already
+    joined (``send_batch``: the hub's batch of the iteration, one buffer for all sockets).
     """
 
     def __init__(self, protocol, max_buffer: int, socket_send_buffer: int = 0):
@@ -158,6 +163,36 @@ class DaphneTransport:
             self._pending, self._pending_bytes = [], 0
             self._write(data)
 
+    def send_batch(self, wire: bytes) -> bool:
+        protocol = self.protocol
+        if (
+            self._pending
+            or protocol.state != protocol.STATE_OPEN
+            or protocol._perMessageCompress is not None
+            or protocol.send_queue
+        ):
+            return False
+        sock = self._idle_socket()
+        if sock is None:
+            return False
+        self._send(sock, wire)
+        return True
+
+    def _idle_socket(self) -> socket.socket | None:
+        """The socket, when Twisted holds nothing for it, so a write now keeps the order."""
+        tcp = self.protocol.transport
+        sock = getattr(tcp, "socket", None)
+        if (
+            sock is not None
+            and tcp.connected
+            and not tcp.disconnecting
+            and not getattr(tcp, "TLS", False)
+            and not tcp.dataBuffer
+            and not tcp._tempDataLen
+        ):
+            return sock
+        return None
+
     def _write(self, data: bytes) -> None:
         """Send now when nothing is queued, else queue behind what is.
 
@@ -166,27 +201,21 @@ class DaphneTransport:
         loop iteration per frame, a third of a server's CPU in a fan-out. Like asyncio's own
         transports, try the socket first and hand Twisted only what it would not take.
         """
-        tcp = self.protocol.transport
-        sock = getattr(tcp, "socket", None)
-        direct = (
-            sock is not None
-            and tcp.connected
-            and not tcp.disconnecting
-            and not getattr(tcp, "TLS", False)
-            and not tcp.dataBuffer
-            and not tcp._tempDataLen
-        )
-        if direct:
-            try:
-                sent = sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = 0  # Twisted's write below meets the same error and closes properly
-            if sent == len(data):
-                return
-            data = data[sent:]
-        tcp.write(data)
+        sock = self._idle_socket()
+        if sock is None:
+            self.protocol.transport.write(data)
+        else:
+            self._send(sock, data)
+
+    def _send(self, sock: socket.socket, data: bytes) -> None:
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = 0  # Twisted's write below meets the same error and closes properly
+        if sent < len(data):
+            self.protocol.transport.write(data[sent:])
 
     def send_text(self, text: str) -> bool:
         return self.send_frame(TextFrame(text))
@@ -239,6 +268,9 @@ class QueuedTransport:
 
     def send_frame(self, frame: TextFrame) -> bool:
         return self.send_text(frame.text)
+
+    def send_batch(self, wire: bytes) -> bool:
+        return False  # frames go through the queue, one by one
 
     def send_text(self, text: str) -> bool:
         if self._closed:
