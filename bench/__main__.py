@@ -321,7 +321,12 @@ class BrokerProbe:
 
 
 def measure_latency(
-    rate: float, args, servers: list[DaphneServer], fleet: Fleet, publisher: RawPublisher | None, probe
+    rate: float,
+    args,
+    servers: list[DaphneServer],
+    fleet: Fleet,
+    publisher: RawPublisher | None,
+    probe: BrokerProbe | None,
 ) -> LatencyRun:
     run = LatencyRun(rate)
     if publisher is not None:
