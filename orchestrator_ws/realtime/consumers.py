@@ -324,7 +324,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
     def deliver_batch(self, group: str, batch: Batch) -> bool:
         """A run of plain frames (the GroupMember protocol): one write when this client has
         everything before it and nothing else is queued for its socket."""
-        if self._closing or self._buffer is not None or self.last_seq is None or self.last_seq != batch.after:
+        if self._closing or self._buffer is not None or self.last_seq != batch.after:
             return False
         if not self.transport.send_batch(batch.wire):
             return False

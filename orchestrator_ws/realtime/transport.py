@@ -145,7 +145,7 @@ class DaphneTransport:
             return True
         if self.buffered_bytes() > self.max_buffer:
             return False
-        if protocol._perMessageCompress is None and not protocol.send_queue:
+        if self._frames_go_raw():
             if not self._pending:
                 _pending_transports.append(self)
                 _schedule_flush()
@@ -165,18 +165,19 @@ class DaphneTransport:
 
     def send_batch(self, wire: bytes) -> bool:
         protocol = self.protocol
-        if (
-            self._pending
-            or protocol.state != protocol.STATE_OPEN
-            or protocol._perMessageCompress is not None
-            or protocol.send_queue
-        ):
+        if self._pending or protocol.state != protocol.STATE_OPEN or not self._frames_go_raw():
             return False
         sock = self._idle_socket()
         if sock is None:
             return False
         self._send(sock, wire)
         return True
+
+    def _frames_go_raw(self) -> bool:
+        """Prebuilt frames may be written as they are: no compression was negotiated and
+        autobahn has no frames of its own queued (a close, a pong) to keep the order of."""
+        protocol = self.protocol
+        return protocol._perMessageCompress is None and not protocol.send_queue
 
     def _idle_socket(self) -> socket.socket | None:
         """The socket, when Twisted holds nothing for it, so a write now keeps the order."""
