@@ -98,6 +98,10 @@ class LatencyRun:
     machine_cpu_percent: float = math.nan  # all cores
     seq_gaps: int = 0
 
+    @property
+    def lost(self) -> int:
+        return max(0, self.sent - self.received)
+
 
 @dataclass
 class Result:
@@ -113,9 +117,7 @@ class Result:
 
     @property
     def lost(self) -> int:
-        return max(0, self.burst_sent - self.burst_received) + sum(
-            max(0, run.sent - run.received) for run in self.latency_runs
-        )
+        return max(0, self.burst_sent - self.burst_received) + sum(run.lost for run in self.latency_runs)
 
 
 class ClientProcess:
@@ -494,7 +496,7 @@ def print_table(results: list[Result], args) -> None:
             print(
                 f"| {r.layer} | {run.rate:.1f} | {percentile_ms(run.latencies, 0.50):.1f} | "
                 f"{percentile_ms(run.latencies, 0.95):.1f} | {percentile_ms(run.latencies, 0.99):.1f} | "
-                f"{max(0, run.sent - run.received):,} | {broker} | {run.machine_cpu_percent:.0f} |"
+                f"{run.lost:,} | {broker} | {run.machine_cpu_percent:.0f} |"
             )
     print()
 
@@ -549,11 +551,10 @@ def main(argv: list[str] | None = None) -> int:
         args.clients, args.client_processes, args.burst_processes = 40, 2, 2
         args.latency_seconds = 2
         args.layers = args.layers or ["project"]
+    os.chdir(PROJECT_DIR)
     if args.mode == "fanout":
         for rate in args.latency_rate:
             latency_processes(rate, args.latency_seconds, args.servers)  # refuse it now
-    os.chdir(PROJECT_DIR)
-    if args.mode == "fanout":
         return fanout(args)
     from bench import extra
 
