@@ -17,6 +17,8 @@ from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 from prometheus_client import Histogram
 from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 
+from orchestrator_ws.realtime.transport import WatchedWrites
+
 APPLICATION = "orchestrator_ws.asgi:application"
 
 # fmt: off
@@ -59,7 +61,7 @@ def small_text_frame(data: bytes) -> bytes | None:
     return payload
 
 
-class HeartbeatFastProtocol(WebSocketProtocol):
+class HeartbeatFastProtocol(WatchedWrites, WebSocketProtocol):
     """daphne's websocket protocol with a short way in for what clients send: small text frames.
 
     A client sends a ``__ping__`` every 30 s. autobahn takes each through its general frame
@@ -69,7 +71,8 @@ class HeartbeatFastProtocol(WebSocketProtocol):
     one whole small text frame, arriving between messages on an open connection without
     compression, is unmasked here and handed to daphne's ``onMessage``, as autobahn would after
     its checks; the consumer sees the same message and applies its limits. Every other read
-    goes through autobahn.
+    goes through autobahn. It also tells the connection's transport when raw writes to the
+    socket may stop being safe (:class:`WatchedWrites`).
     """
 
     def dataReceived(self, data: bytes) -> None:

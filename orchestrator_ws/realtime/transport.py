@@ -100,11 +100,17 @@ class DaphneTransport:
     joined (``send_batch``: the hub's batch of the iteration, one buffer for all sockets).
     """
 
+    __slots__ = ("protocol", "max_buffer", "_pending", "_pending_bytes", "_idle_socket_known")
+
     def __init__(self, protocol, max_buffer: int, socket_send_buffer: int = 0):
         self.protocol = protocol
         self.max_buffer = max_buffer
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        # The socket while raw writes to it are known to be safe (see _raw_socket), or None.
+        self._idle_socket_known: socket.socket | None = None
+        if isinstance(protocol, WatchedWrites):
+            protocol.frame_writer = self
         sock = getattr(protocol.transport, "socket", None)
         if sock is not None:
             # Each frame is one small write: send it now, not when the previous one is acked.
@@ -164,14 +170,31 @@ class DaphneTransport:
             self._write(data)
 
     def send_batch(self, wire: bytes) -> bool:
-        protocol = self.protocol
-        if self._pending or protocol.state != protocol.STATE_OPEN or not self._frames_go_raw():
+        if self._pending_bytes:
             return False
-        sock = self._idle_socket()
+        sock = self._idle_socket_known
         if sock is None:
-            return False
+            sock = self._raw_socket()
+            if sock is None:
+                return False
         self._send(sock, wire)
         return True
+
+    def _raw_socket(self) -> socket.socket | None:
+        """The socket, when prebuilt frames may be written to it now: the connection is open,
+        frames go raw and Twisted holds nothing. Under a :class:`WatchedWrites` protocol the
+        answer is kept until the protocol or a write handed to Twisted voids it."""
+        protocol = self.protocol
+        if protocol.state != protocol.STATE_OPEN or not self._frames_go_raw():
+            return None
+        sock = self._idle_socket()
+        if sock is not None and getattr(protocol, "frame_writer", None) is self:
+            self._idle_socket_known = sock
+        return sock
+
+    def forget_idle_socket(self) -> None:
+        """Raw writes may no longer be safe: check again before the next one."""
+        self._idle_socket_known = None
 
     def _frames_go_raw(self) -> bool:
         """Prebuilt frames may be written as they are: no compression was negotiated and
@@ -204,7 +227,7 @@ class DaphneTransport:
         """
         sock = self._idle_socket()
         if sock is None:
-            self.protocol.transport.write(data)
+            self._hand_to_twisted(data)
         else:
             self._send(sock, data)
 
@@ -216,7 +239,12 @@ class DaphneTransport:
         except OSError:
             sent = 0  # Twisted's write below meets the same error and closes properly
         if sent < len(data):
-            self.protocol.transport.write(data[sent:])
+            self._hand_to_twisted(data[sent:])
+
+    def _hand_to_twisted(self, data: bytes) -> None:
+        """Queue behind what Twisted holds (it writes when the socket is writable)."""
+        self._idle_socket_known = None
+        self.protocol.transport.write(data)
 
     def send_text(self, text: str) -> bool:
         return self.send_frame(TextFrame(text))
@@ -227,6 +255,42 @@ class DaphneTransport:
             # sendClose (and so daphne's "websocket.close") only takes 1000 and 3000-4999;
             # the close frame itself may carry any code, 1001/1008/1013 included.
             self.protocol.sendCloseFrame(code=code, isReply=False)
+
+
+class WatchedWrites:
+    """A mixin for daphne's websocket protocol: tells its transport when the socket may stop
+    being safe for raw writes.
+
+    ``send_batch`` writes straight to the socket when the connection is open and neither
+    autobahn nor Twisted holds output for it. Finding that out reads a dozen attributes of
+    autobahn's protocol and Twisted's transport, objects a fan-out otherwise never touches: per
+    socket and batch, that was an eighth of a server's CPU at an even message rate
+    (docs/benchmarks.md). With this mixin the transport checks once and keeps the answer until
+    the protocol says it may have changed: when the connection's state changes (opening,
+    closing, closed) and whenever autobahn writes (a pong, a ping, a close, a message it framed
+    itself), which Twisted holds until the socket is next writable.
+    """
+
+    frame_writer: DaphneTransport | None = None
+    _state: int | None = None
+
+    @property
+    def state(self) -> int | None:
+        return self._state
+
+    @state.setter
+    def state(self, value: int) -> None:
+        self._state = value
+        writer = self.frame_writer
+        if writer is not None:
+            writer.forget_idle_socket()
+            if value == self.STATE_CLOSED:
+                self.frame_writer = None  # nothing more to tell it; no cycle left behind
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        if self.frame_writer is not None:
+            self.frame_writer.forget_idle_socket()
+        super().sendData(data, sync, chopsize)
 
 
 # Transports with frames gathered in this loop iteration, and whether their flush is scheduled.
