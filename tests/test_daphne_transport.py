@@ -1,11 +1,13 @@
 """DaphneTransport on a real connection: autobahn's and daphne's protocol over Twisted's TCP
 transport and a kernel socket, with the event loop's part played by the test.
 
-The transport writes batches straight to the socket when nothing is held for it elsewhere;
-under the launcher's protocol (WatchedWrites) it keeps that verdict between batches. These
-tests make autobahn and Twisted hold output (a message autobahn frames, a close, the rest of a
-partial write) and check that no later batch overtakes it: the client reads the bytes in the
-order they were given. daphne's own protocol, which reports nothing, must behave the same.
+The transport writes batches and replies straight to the socket when nothing is held for it
+elsewhere; under the launcher's protocol (TransportHooks) it keeps that verdict between
+writes. These tests make autobahn and Twisted hold output (a message autobahn frames, a close,
+the rest of a partial write) and check that nothing written later overtakes it: the client
+reads the bytes in the order they were given. daphne's own protocol, which reports nothing,
+must behave the same. The launcher's protocol also hands a client's small text frames to the
+consumer directly.
 """
 
 from __future__ import annotations
@@ -168,6 +170,7 @@ async def test_the_rest_of_a_partial_write_holds_later_batches_back(connection):
 
 def test_a_lost_connection_takes_no_batch_and_leaves_no_cycle(connection):
     transport = connection.transport
+    transport.receive_with(print)
     assert transport.send_batch(wire("before"))
     connection.client.close()
     select.select([connection.server_side.socket], [], [], 5)
@@ -177,3 +180,35 @@ def test_a_lost_connection_takes_no_batch_and_leaves_no_cycle(connection):
     assert not transport.send_batch(wire("after"))
     assert transport.closed
     assert getattr(connection.protocol, "frame_writer", None) is None
+    assert getattr(connection.protocol, "text_receiver", None) is None
+
+
+async def test_a_reply_is_written_at_once_unless_frames_wait_for_the_socket(connection):
+    transport = connection.transport
+    assert transport.send_reply(TextFrame("pong"))
+    assert connection.received() == wire("pong")  # no loop iteration ran
+    connection.protocol.sendMessage(b"framed by autobahn", False)  # held by Twisted for now
+    assert transport.send_reply(TextFrame("pong"))  # queued behind it, not ahead
+    await asyncio.sleep(0)
+    connection.writable()
+    assert connection.received() == wire("framed by autobahn") + wire("pong")
+
+
+def client_frame(text: str) -> bytes:
+    """A masked client text frame of under 126 bytes (RFC 6455, 5.2)."""
+    payload, mask = text.encode(), b"\x01\x02\x03\x04"
+    return bytes((0x81, 0x80 | len(payload))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_a_client_text_goes_straight_to_the_receiver_the_launchers_protocol_was_given(connection):
+    received: list[dict] = []
+    connection.transport.receive_with(received.append)
+    connection.client.sendall(client_frame("__ping__"))
+    select.select([connection.server_side.socket], [], [], 5)
+    connection.server_side.doRead()
+    queued = [m for m in connection.protocol.server.application_messages if m["type"] == "websocket.receive"]
+    message = {"type": "websocket.receive", "text": "__ping__"}
+    if isinstance(connection.protocol, HeartbeatFastProtocol):
+        assert (received, queued) == ([message], [])
+    else:  # daphne's protocol queues it for the consumer's task, as always
+        assert (received, queued) == ([], [message])

@@ -204,11 +204,17 @@ class GroupConsumer(AsyncWebsocketConsumer):
             self._refuse(*refusal)
             return
         OPEN_CONNECTIONS.labels(group_kind(self.group)).inc()
+        self.transport.receive_with(self.client_message)
         logger.info("websocket connected: %s from %s", self.group, client[0])
         self._start_sync(since, start_seq=join_seq, pending=self._take_buffer())
 
     async def websocket_receive(self, message: Message) -> None:
-        # Clients only ever send heartbeats; anything else is ignored, never broadcast.
+        self.client_message(message)
+
+    def client_message(self, message: Message) -> None:
+        """What the client sent: through ``websocket_receive``, or straight from the server's
+        protocol (``Transport.receive_with``). Clients only ever send heartbeats; anything
+        else is ignored, never broadcast."""
         if self.transport is None or self._closing:
             return
         offence = self._guard.check(message)
@@ -216,7 +222,7 @@ class GroupConsumer(AsyncWebsocketConsumer):
             self._log_refusal("client message not allowed", code=offence)
             self.finish(offence)
         elif message.get("text") == PING:
-            self.transport.send_frame(PONG_FRAME)
+            self.transport.send_reply(PONG_FRAME)
 
     async def websocket_disconnect(self, message: Message) -> None:
         self._closing = True

@@ -78,6 +78,15 @@ class Transport(Protocol):
         """Write whole frames now if nothing is queued ahead of them (no limit to check then);
         False: not written, they go through ``send_frame`` one by one."""
 
+    def send_reply(self, frame: TextFrame) -> bool:
+        """``send_frame`` for an answer to what the client just sent: written at once when
+        nothing is queued for the socket. A lone reply has nothing to be gathered with, and
+        waiting for the end of the loop iteration costs an iteration per heartbeat."""
+
+    def receive_with(self, receiver: Callable[[dict], None]) -> None:
+        """Where the server can, hand client messages (``websocket.receive``) to ``receiver`` as
+        they arrive, on the event loop, instead of through the application's queue."""
+
     def close(self, code: int) -> None:
         """Close after the frames already queued."""
 
@@ -109,7 +118,7 @@ class DaphneTransport:
         self._pending_bytes = 0
         # The socket while raw writes to it are known to be safe (see _raw_socket), or None.
         self._idle_socket_known: socket.socket | None = None
-        if isinstance(protocol, WatchedWrites):
+        if isinstance(protocol, TransportHooks):
             protocol.frame_writer = self
         sock = getattr(protocol.transport, "socket", None)
         if sock is not None:
@@ -170,19 +179,30 @@ class DaphneTransport:
             self._write(data)
 
     def send_batch(self, wire: bytes) -> bool:
-        if self._pending_bytes:
-            return False
-        sock = self._idle_socket_known
+        sock = self._socket_to_write_now()
         if sock is None:
-            sock = self._raw_socket()
-            if sock is None:
-                return False
+            return False
         self._send(sock, wire)
         return True
 
+    def send_reply(self, frame: TextFrame) -> bool:
+        sock = self._socket_to_write_now()
+        if sock is None:
+            return self.send_frame(frame)
+        self._send(sock, frame.wire)
+        return True
+
+    def _socket_to_write_now(self) -> socket.socket | None:
+        """The socket, when frames may be written to it at once: nothing gathered for it yet
+        in this iteration, and raw writes safe (:meth:`_raw_socket`)."""
+        if self._pending_bytes:
+            return None
+        sock = self._idle_socket_known
+        return sock if sock is not None else self._raw_socket()
+
     def _raw_socket(self) -> socket.socket | None:
         """The socket, when prebuilt frames may be written to it now: the connection is open,
-        frames go raw and Twisted holds nothing. Under a :class:`WatchedWrites` protocol the
+        frames go raw and Twisted holds nothing. Under a :class:`TransportHooks` protocol the
         answer is kept until the protocol or a write handed to Twisted voids it."""
         protocol = self.protocol
         if protocol.state != protocol.STATE_OPEN or not self._frames_go_raw():
@@ -249,6 +269,10 @@ class DaphneTransport:
     def send_text(self, text: str) -> bool:
         return self.send_frame(TextFrame(text))
 
+    def receive_with(self, receiver: Callable[[dict], None]) -> None:
+        if isinstance(self.protocol, TransportHooks) and self._open():
+            self.protocol.text_receiver = receiver
+
     def close(self, code: int) -> None:
         if self._open():
             self.flush()
@@ -257,21 +281,26 @@ class DaphneTransport:
             self.protocol.sendCloseFrame(code=code, isReply=False)
 
 
-class WatchedWrites:
-    """A mixin for daphne's websocket protocol: tells its transport when the socket may stop
-    being safe for raw writes.
+class TransportHooks:
+    """A mixin for daphne's websocket protocol: the two things it does for its DaphneTransport.
 
-    ``send_batch`` writes straight to the socket when the connection is open and neither
-    autobahn nor Twisted holds output for it. Finding that out reads a dozen attributes of
-    autobahn's protocol and Twisted's transport, objects a fan-out otherwise never touches: per
-    socket and batch, that was an eighth of a server's CPU at an even message rate
-    (docs/benchmarks.md). With this mixin the transport checks once and keeps the answer until
-    the protocol says it may have changed: when the connection's state changes (opening,
-    closing, closed) and whenever autobahn writes (a pong, a ping, a close, a message it framed
-    itself), which Twisted holds until the socket is next writable.
+    It tells the transport when the socket may stop being safe for raw writes. ``send_batch``
+    writes straight to the socket when the connection is open and neither autobahn nor Twisted
+    holds output for it. Finding that out reads a dozen attributes of autobahn's protocol and
+    Twisted's transport, objects a fan-out otherwise never touches: per socket and batch, that
+    was an eighth of a server's CPU at an even message rate (docs/benchmarks.md). Here the
+    transport checks once and keeps the answer until the protocol says it may have changed:
+    when the connection's state changes (opening, closing, closed) and whenever autobahn writes
+    (a pong, a ping, a close, a message it framed itself), which Twisted holds until the socket
+    is next writable.
+
+    And it may hand a client's message straight to the consumer (``text_receiver``, set through
+    :meth:`DaphneTransport.receive_with`) instead of queueing it for the consumer's task; the
+    protocol decides which messages (the launcher's: whole small text frames).
     """
 
     frame_writer: DaphneTransport | None = None
+    text_receiver: Callable[[dict], None] | None = None
     _state: int | None = None
 
     @property
@@ -284,8 +313,9 @@ class WatchedWrites:
         writer = self.frame_writer
         if writer is not None:
             writer.forget_idle_socket()
-            if value == self.STATE_CLOSED:
-                self.frame_writer = None  # nothing more to tell it; no cycle left behind
+        if value == self.STATE_CLOSED:
+            # Nothing more to tell or hand over; no cycle left behind.
+            self.frame_writer = self.text_receiver = None
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if self.frame_writer is not None:
@@ -336,6 +366,12 @@ class QueuedTransport:
 
     def send_batch(self, wire: bytes) -> bool:
         return False  # frames go through the queue, one by one
+
+    def send_reply(self, frame: TextFrame) -> bool:
+        return self.send_frame(frame)
+
+    def receive_with(self, receiver: Callable[[dict], None]) -> None:
+        pass  # messages come through the application's queue
 
     def send_text(self, text: str) -> bool:
         if self._closed:
