@@ -282,7 +282,7 @@ class DaphneTransport:
 
 
 class TransportHooks:
-    """A mixin for daphne's websocket protocol: the two things it does for its DaphneTransport.
+    """A mixin for daphne's websocket protocol: what it does for the connection's DaphneTransport.
 
     It tells the transport when the socket may stop being safe for raw writes. ``send_batch``
     writes straight to the socket when the connection is open and neither autobahn nor Twisted
@@ -294,9 +294,10 @@ class TransportHooks:
     (a pong, a ping, a close, a message it framed itself), which Twisted holds until the socket
     is next writable.
 
-    And it may hand a client's message straight to the consumer (``text_receiver``, set through
-    :meth:`DaphneTransport.receive_with`) instead of queueing it for the consumer's task; the
-    protocol decides which messages (the launcher's: whole small text frames).
+    And it may hand a client's message straight to the receiver the consumer gave the transport
+    (``text_receiver``, set by :meth:`DaphneTransport.receive_with`) instead of queueing it for
+    the consumer's task; the protocol decides which messages (the launcher's: whole small text
+    frames).
     """
 
     frame_writer: DaphneTransport | None = None
