@@ -17,6 +17,7 @@ import base64
 import os
 import select
 import socket
+import time
 
 import pytest
 from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
@@ -203,9 +204,11 @@ def client_frame(text: str) -> bytes:
 def test_a_client_text_goes_straight_to_the_receiver_the_launchers_protocol_was_given(connection):
     received: list[dict] = []
     connection.transport.receive_with(received.append)
+    connection.protocol.last_ping = 0.0
     connection.client.sendall(client_frame("__ping__"))
     select.select([connection.server_side.socket], [], [], 5)
     connection.server_side.doRead()
+    assert connection.protocol.last_ping > time.time() - 5  # daphne's timeouts see the client alive
     queued = [m for m in connection.protocol.server.application_messages if m["type"] == "websocket.receive"]
     message = {"type": "websocket.receive", "text": "__ping__"}
     if isinstance(connection.protocol, HeartbeatFastProtocol):
