@@ -80,10 +80,12 @@ SERVER_ENV = {
 }
 
 
-def percentile_ms(latencies: list[float], q: float) -> float:
+def percentile_cells(latencies: list[float], *qs: float) -> str:
+    """The ``qs`` percentiles of ``latencies`` in ms, as table cells (nan for under two)."""
     if len(latencies) < 2:
-        return math.nan
-    return statistics.quantiles(latencies, n=100)[int(q * 100) - 1] * 1000
+        return " | ".join(f"{math.nan:.1f}" for _ in qs)
+    cuts = statistics.quantiles(latencies, n=100)
+    return " | ".join(f"{cuts[int(q * 100) - 1] * 1000:.1f}" for q in qs)
 
 
 @dataclass
@@ -473,8 +475,7 @@ def print_table(results: list[Result], args) -> None:
         first = r.latency_runs[0] if r.latency_runs else LatencyRun(math.nan)
         print(
             f"| {r.layer} | {r.deliveries_per_s:,.0f} | {vs_stock} | {vs_raw} | {first.rate:.1f} | "
-            f"{percentile_ms(first.latencies, 0.50):.1f} | {percentile_ms(first.latencies, 0.95):.1f} | "
-            f"{percentile_ms(first.latencies, 0.99):.1f} | {r.lost:,} | {r.seq_gaps} | "
+            f"{percentile_cells(first.latencies, 0.50, 0.95, 0.99)} | {r.lost:,} | {r.seq_gaps} | "
             f"{r.rss_per_connection_kb:.1f} | {r.server_cpu_us:.1f} | {r.client_cpu_us:.1f} |"
         )
     print()
@@ -487,15 +488,9 @@ def print_table(results: list[Result], args) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         for run in r.latency_runs:
-            broker = (
-                f"{percentile_ms(run.broker_latencies, 0.50):.1f} | "
-                f"{percentile_ms(run.broker_latencies, 0.99):.1f}"
-                if run.broker_latencies
-                else "- | -"
-            )
+            broker = percentile_cells(run.broker_latencies, 0.50, 0.99) if run.broker_latencies else "- | -"
             print(
-                f"| {r.layer} | {run.rate:.1f} | {percentile_ms(run.latencies, 0.50):.1f} | "
-                f"{percentile_ms(run.latencies, 0.95):.1f} | {percentile_ms(run.latencies, 0.99):.1f} | "
+                f"| {r.layer} | {run.rate:.1f} | {percentile_cells(run.latencies, 0.50, 0.95, 0.99)} | "
                 f"{run.lost:,} | {broker} | {run.machine_cpu_percent:.0f} |"
             )
     print()

@@ -204,11 +204,10 @@ class DaphneTransport:
         """The socket, when prebuilt frames may be written to it now: the connection is open,
         frames go raw and Twisted holds nothing. Under a :class:`TransportHooks` protocol the
         answer is kept until the protocol or a write handed to Twisted voids it."""
-        protocol = self.protocol
-        if protocol.state != protocol.STATE_OPEN or not self._frames_go_raw():
+        if not self._open() or not self._frames_go_raw():
             return None
         sock = self._idle_socket()
-        if sock is not None and getattr(protocol, "frame_writer", None) is self:
+        if sock is not None and getattr(self.protocol, "frame_writer", None) is self:
             self._idle_socket_known = sock
         return sock
 
