@@ -26,3 +26,15 @@ def wait_until(probe: Callable[[], T], *, timeout: float = 10.0, interval: float
 def metric(name: str, **labels) -> float:
     """A sample of this process's Prometheus registry (0 before its first observation)."""
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+MASK = b"\x37\xfa\x21\x3d"
+
+
+def client_frame(payload: bytes, *, opcode: int = 0x1, fin: bool = True, masked: bool = True) -> bytes:
+    """A client-to-server websocket frame of under 126 bytes (RFC 6455, 5.2)."""
+    assert len(payload) < 126
+    head = bytes(((0x80 if fin else 0) | opcode, (0x80 if masked else 0) | len(payload)))
+    if not masked:
+        return head + payload
+    return head + MASK + bytes(byte ^ MASK[i % 4] for i, byte in enumerate(payload))

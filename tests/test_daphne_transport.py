@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from orchestrator_ws.realtime.transport import DaphneTransport, TextFrame
 from orchestrator_ws.server import HeartbeatFastProtocol
+from tests.helpers import client_frame
 
 
 class StubDaphneServer:
@@ -195,17 +196,11 @@ async def test_a_reply_is_written_at_once_unless_frames_wait_for_the_socket(conn
     assert connection.received() == wire("framed by autobahn") + wire("pong")
 
 
-def client_frame(text: str) -> bytes:
-    """A masked client text frame of under 126 bytes (RFC 6455, 5.2)."""
-    payload, mask = text.encode(), b"\x01\x02\x03\x04"
-    return bytes((0x81, 0x80 | len(payload))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
 def test_a_client_text_goes_straight_to_the_receiver_the_launchers_protocol_was_given(connection):
     received: list[dict] = []
     connection.transport.receive_with(received.append)
     connection.protocol.last_ping = 0.0
-    connection.client.sendall(client_frame("__ping__"))
+    connection.client.sendall(client_frame(b"__ping__"))
     select.select([connection.server_side.socket], [], [], 5)
     connection.server_side.doRead()
     assert connection.protocol.last_ping > time.time() - 5  # daphne's timeouts see the client alive

@@ -12,18 +12,8 @@ import time
 import pytest
 
 from orchestrator_ws.server import DirectCallReactor, small_text_frame
+from tests.helpers import MASK, client_frame
 from tests.servers import DaphneServer
-
-MASK = b"\x37\xfa\x21\x3d"
-
-
-def client_frame(payload: bytes, *, opcode: int = 0x1, fin: bool = True, masked: bool = True) -> bytes:
-    """A client-to-server frame of under 126 bytes (RFC 6455, 5.2)."""
-    assert len(payload) < 126
-    head = bytes(((0x80 if fin else 0) | opcode, (0x80 if masked else 0) | len(payload)))
-    if not masked:
-        return head + payload
-    return head + MASK + bytes(byte ^ MASK[i % 4] for i, byte in enumerate(payload))
 
 
 @pytest.mark.parametrize("payload", [b"__ping__", b"", b"x" * 125, "d\u00e9j\u00e0 \u2713".encode()])
