@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from orchestrator_ws.realtime.layers import Hub, InMemoryFanoutLayer, contiguous, stamp
-from orchestrator_ws.realtime.redis_layer import PUBLISH_SCRIPT_SHA, RedisFanoutLayer
+from orchestrator_ws.realtime.redis_layer import PUBLISH_SCRIPT_SHA, RedisFanoutLayer, SubscribedGroups
 from orchestrator_ws.realtime.transport import TextFrame
 from tests.servers import RedisServer
 
@@ -302,6 +302,112 @@ async def test_a_paused_redis_is_detected_by_missed_pings():
     finally:
         server.resume()
         server.stop()
+
+
+def pubsub_calls(admin: redis.Redis) -> int:
+    """PUBSUB commands (NUMSUB, CHANNELS) the server has answered so far."""
+    stats = admin.info("commandstats")
+    return sum(stat["calls"] for name, stat in stats.items() if name.startswith("cmdstat_pubsub"))
+
+
+@pytest.fixture
+def private_redis():
+    """A Redis of the test's own: its command counts and clients are the test's alone."""
+    server = RedisServer().start()
+    admin = redis.Redis.from_url(server.url)
+    yield server, admin
+    admin.close()
+    server.stop()
+
+
+async def test_server_processes_hear_of_each_others_subscriptions_instead_of_asking(private_redis):
+    server, admin = private_redis
+    # Reloads far apart: after the first load, what is learnt is learnt from announcements.
+    # The prefix has glob characters: the load's pattern must match them literally.
+    here, there = (RedisFanoutLayer(url=server.url, prefix="w[1]?", subscriptions_reload=60) for _ in "ab")
+    await joined(there, "detail.1")  # before here listens: found by here's load
+    await joined(here, "list")
+    await wait_for(lambda: here.subscribed.known == {"list", "detail.1"})
+    await joined(there, "detail.2")  # announced
+    await wait_for(lambda: here.subscribed.known == {"list", "detail.1", "detail.2"})
+
+    asked = pubsub_calls(admin)
+    for _ in range(20):
+        assert await here.watched(["list", "detail.2", "detail.3"]) == {"list", "detail.2"}
+    assert pubsub_calls(admin) == asked  # no round trip per question
+
+    # A member of this process counts from its group_add on, before Redis confirmed anything.
+    member = Member()
+    channel = await here.new_channel()
+    here.attach(channel, member)
+    adding = asyncio.create_task(here.group_add("detail.3", channel))
+    await asyncio.sleep(0)
+    assert await here.watched(["detail.3", "detail.4"]) == {"detail.3"}
+    await adding
+
+    admin.publish("w[1]?:control", "not an announcement")  # logged and ignored
+    await there.group_send("detail.3", frame(1))
+    await wait_for(lambda: len(member.messages) == 1)  # the reader went on
+    await here.close()
+    await there.close()
+
+
+async def test_a_group_nobody_follows_any_more_drops_out_at_the_next_reload(private_redis):
+    server, _ = private_redis
+    here, there = (RedisFanoutLayer(url=server.url, prefix="drop", subscriptions_reload=0.2) for _ in "ab")
+    await joined(here, "list")
+    channel = await joined(there, "detail.1")
+    await wait_for(lambda: "detail.1" in (here.subscribed.known or ()))
+    await there.group_discard("detail.1", channel)
+    await wait_for(lambda: here.subscribed.known == {"list"}, timeout=3)
+    assert await here.watched(["list", "detail.1"]) == {"list"}
+    await here.close()
+    await there.close()
+
+
+async def test_without_a_subscription_connection_watched_asks_redis(private_redis):
+    server, admin = private_redis
+    follower = RedisFanoutLayer(url=server.url, prefix="ask")
+    await joined(follower, "detail.1")
+    asker = RedisFanoutLayer(url=server.url, prefix="ask")  # no member: hears no announcement
+    asked = pubsub_calls(admin)
+    assert await asker.watched(["detail.1", "detail.2"]) == {"detail.1"}
+    assert pubsub_calls(admin) == asked + 1  # PUBSUB NUMSUB
+    await asker.close()
+    await follower.close()
+
+
+async def test_after_a_lost_subscription_connection_the_groups_are_known_again(private_redis):
+    server, admin = private_redis
+    here, there = (
+        RedisFanoutLayer(url=server.url, prefix="lost", subscriptions_reload=60, ping_interval=0.3)
+        for _ in "ab"
+    )
+    await joined(here, "list")
+    await joined(there, "detail.1")
+    await wait_for(lambda: here.subscribed.known == {"list", "detail.1"})
+    admin.client_kill_filter(_type="pubsub")
+    await wait_for(lambda: here.reconnects == 1 and there.reconnects == 1, timeout=10)
+    await wait_for(lambda: here.subscribed.known == {"list", "detail.1"})
+    assert await here.watched(["detail.1", "detail.2"]) == {"detail.1"}
+    await here.close()
+    await there.close()
+
+
+def test_subscribed_groups_keep_what_is_announced_while_a_load_is_on_its_way():
+    groups = SubscribedGroups()
+    assert groups.among(["a"]) is None  # unknown: the caller asks Redis
+    groups.announced(["a"])
+    assert groups.among(["a"]) is None
+    groups.loading()
+    groups.announced(["b"])  # subscribed after Redis answered the load, heard before its reply
+    groups.loaded(["a"])
+    assert groups.among(["a", "b", "c"]) == {"a", "b"}
+    groups.loading()
+    groups.loaded(["b"])  # a's last subscriber left
+    assert groups.among(["a", "b"]) == {"b"}
+    groups.forget()
+    assert groups.among(["b"]) is None
 
 
 async def test_the_frames_of_one_loop_iteration_reach_a_member_as_one_batch():

@@ -11,6 +11,10 @@ once and delivers it to the local members. If the connection drops or Redis stop
 pings, the reader reconnects with backoff, re-subscribes every group by itself and tells the
 members that messages may have been lost, so each catches up from the history or resyncs.
 
+The same connection follows a control channel on which every server process announces the
+groups it subscribes to, so each knows which groups are followed anywhere (``watched``) without
+asking Redis before every broadcast (see :class:`SubscribedGroups`).
+
 Every Redis command has a timeout (``command_timeout``): a paused Redis blocks no event loop
 for longer than that.
 """
@@ -20,9 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
+import re
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -64,6 +71,55 @@ _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 PUBLISH_SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 
+class SubscribedGroups:
+    """The groups some server process subscribes to, as this process last heard.
+
+    The broadcast thread asks before every batch which detail groups anyone follows; a round
+    trip to Redis for it (PUBSUB NUMSUB) cost the batch a wait for the reply and another for
+    the GIL of a busy server process. So the answer is kept here: loaded with PUBSUB CHANNELS,
+    reloaded every so often, and told at once of every new subscription through the control
+    channel. Groups nobody follows any more drop out at the next reload.
+
+    Being wrong is safe either way. A group listed after its last subscriber left costs building
+    a detail nobody reads, until the reload. A group subscribed but not yet announced here (a
+    millisecond, or a lost announcement until the reload) gets a ``group.resync`` in place of
+    the detail, which its clients answer with the fresh state.
+
+    The home loop writes it and the broadcast thread reads it: ``known`` is only replaced whole
+    or added to, and readers only test membership.
+    """
+
+    def __init__(self) -> None:
+        self.known: set[str] | None = None  # None: unknown (no subscription connection)
+        self._heard_while_loading: set[str] | None = None
+
+    def loading(self) -> None:
+        """A load is on its way: what is announced until it arrives is added to it."""
+        self._heard_while_loading = set()
+
+    def loaded(self, groups: Iterable[str]) -> None:
+        heard = self._heard_while_loading or set()
+        self._heard_while_loading = None
+        self.known = {*groups, *heard}
+
+    def announced(self, groups: Iterable[str]) -> None:
+        groups = set(groups)
+        if self._heard_while_loading is not None:
+            self._heard_while_loading |= groups
+        if self.known is not None:
+            self.known |= groups
+
+    def forget(self) -> None:
+        """Announcements can no longer be heard (the connection dropped): stop answering."""
+        self.known = None
+        self._heard_while_loading = None
+
+    def among(self, groups: Iterable[str]) -> set[str] | None:
+        """The followed ones among ``groups``; None while unknown."""
+        known = self.known
+        return None if known is None else {group for group in groups if group in known}
+
+
 @dataclass
 class _LoopClient:
     """A command connection pool, and the history script bound to it, for one event loop."""
@@ -81,6 +137,7 @@ class RedisFanoutLayer(FanoutChannelLayer):
         ping_interval: float = 2.0,
         seq_ttl: float = 86400,
         max_connections: int = 64,
+        subscriptions_reload: float = 5.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -90,14 +147,21 @@ class RedisFanoutLayer(FanoutChannelLayer):
         self.ping_interval = ping_interval
         self.seq_ttl = seq_ttl
         self.max_connections = max_connections
+        self.subscriptions_reload = subscriptions_reload
         # One command client per event loop (consumers' loop, the broadcast thread's loop).
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = (
             weakref.WeakKeyDictionary()
         )
+        # Subscribed to by every server process: it keeps the subscription connection up
+        # whatever the groups, and carries the announcements of new subscriptions.
         self._control_channel = f"{prefix}:control"
         self._pubsub = None
         self._reader: asyncio.Task | None = None
         self._confirmations: dict[str, list[asyncio.Future]] = {}
+        self.subscribed = SubscribedGroups()
+        self._loader: asyncio.Task | None = None
+        self._unannounced: set[str] = set()
+        self._announcer: asyncio.Task | None = None
         self.reconnects = 0
 
     # --- naming -----------------------------------------------------------------------------------
@@ -112,6 +176,10 @@ class RedisFanoutLayer(FanoutChannelLayer):
     def _group_of(self, channel: bytes | str) -> str:
         name = channel.decode() if isinstance(channel, bytes) else channel
         return name.removeprefix(f"{self.prefix}:group:")
+
+    def _channel_pattern(self) -> str:
+        """PUBSUB CHANNELS' pattern for every group channel (the prefix's glob characters escaped)."""
+        return re.sub(r"([*?\[\]\\])", r"\\\1", f"{self.prefix}:group:") + "*"
 
     # --- command side ---------------------------------------------------------------------------
 
@@ -198,10 +266,15 @@ class RedisFanoutLayer(FanoutChannelLayer):
         return History(current, contiguous(after, current, entries, self.history_ttl))
 
     async def watched(self, groups: list[str]) -> set[str]:
-        """Groups with a subscriber on any server process (PUBSUB NUMSUB, one round trip)."""
-        async with asyncio.timeout(self.command_timeout):
-            counts = await self._client().redis.pubsub_numsub(*(self._channel(g) for g in groups))
-        return {self._group_of(channel) for channel, count in counts if count}
+        """Groups with a subscriber on any server process: this one's, and the others' as they
+        announced them (``subscribed``); with PUBSUB NUMSUB (one round trip) while this process
+        has no subscription connection to hear announcements on."""
+        known = self.subscribed.among(groups)
+        if known is None:
+            async with asyncio.timeout(self.command_timeout):
+                counts = await self._client().redis.pubsub_numsub(*(self._channel(g) for g in groups))
+            known = {self._group_of(channel) for channel, count in counts if count}
+        return known | await super().watched(groups)
 
     async def flush(self) -> None:
         await super().flush()
@@ -213,11 +286,13 @@ class RedisFanoutLayer(FanoutChannelLayer):
         """Release what this layer holds on the running loop (its client, its reader)."""
         await super().close()
         loop = asyncio.get_running_loop()
-        if self._reader is not None and loop is self.home_loop:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
+        if loop is self.home_loop:
+            for task in (self._reader, self._loader, self._announcer):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            self._reader = self._loader = self._announcer = None
         client = self._clients.pop(loop, None)
         if client is not None:
             await client.redis.aclose(close_connection_pool=True)
@@ -252,11 +327,64 @@ class RedisFanoutLayer(FanoutChannelLayer):
             with contextlib.suppress(_FAILURES):
                 await self._pubsub.unsubscribe(self._channel(group))
 
-    def _confirm(self, channel: bytes | str) -> None:
+    def _subscribed_to(self, channel: bytes | str) -> None:
+        """Redis confirmed a subscription: release whoever waits for it, and announce the group
+        (or, for the control channel, start loading what the others subscribe to: from here
+        no announcement is missed)."""
         name = channel.decode() if isinstance(channel, bytes) else channel
         for future in self._confirmations.pop(name, ()):
             if not future.done():
                 future.set_result(None)
+        if name == self._control_channel:
+            self._stop_loading()
+            self._loader = asyncio.create_task(self._load_subscribed_forever(), name="redis-fanout-groups")
+            return
+        self._unannounced.add(self._group_of(name))
+        if self._announcer is None or self._announcer.done():
+            self._announcer = asyncio.create_task(self._announce(), name="redis-fanout-announce")
+
+    async def _announce(self) -> None:
+        """Tell every server process which groups this one now subscribes to, a message for
+        all the confirmations at hand (a reconnect's many at once). A failed announcement is
+        only late: the others' next load finds the subscription."""
+        while self._unannounced:
+            groups, self._unannounced = sorted(self._unannounced), set()
+            try:
+                async with asyncio.timeout(self.command_timeout):
+                    await self._client().redis.publish(
+                        self._control_channel, json.dumps({"subscribed": groups})
+                    )
+            except _FAILURES as exc:
+                logger.debug("announcing %d subscriptions failed: %s", len(groups), exc)
+
+    def _heard_on_control(self, data: bytes) -> None:
+        try:
+            groups = json.loads(data)["subscribed"]
+            if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring an unknown message on %s: %.100r", self._control_channel, data)
+            return
+        self.subscribed.announced(groups)
+
+    async def _load_subscribed_forever(self) -> None:
+        """Load which groups are followed anywhere, again every ``subscriptions_reload`` s."""
+        while True:
+            self.subscribed.loading()
+            try:
+                async with asyncio.timeout(self.command_timeout):
+                    channels = await self._client().redis.pubsub_channels(self._channel_pattern())
+                self.subscribed.loaded(self._group_of(channel) for channel in channels)
+            except _FAILURES as exc:
+                logger.debug("loading the subscribed groups failed: %s", exc)
+                self.subscribed.forget()  # until a load works: NUMSUB per question
+            await asyncio.sleep(self.subscriptions_reload)
+
+    def _stop_loading(self) -> None:
+        if self._loader is not None:
+            self._loader.cancel()
+            self._loader = None
+        self.subscribed.forget()
 
     async def _read_forever(self) -> None:
         connected_before = False
@@ -293,6 +421,7 @@ class RedisFanoutLayer(FanoutChannelLayer):
                     logger.warning("redis subscription lost (%s); reconnecting", exc or type(exc).__name__)
             finally:
                 self._pubsub = None
+                self._stop_loading()
                 try:
                     await asyncio.wait_for(pubsub.aclose(), self.command_timeout)
                     await asyncio.wait_for(client.aclose(), self.command_timeout)
@@ -305,6 +434,7 @@ class RedisFanoutLayer(FanoutChannelLayer):
         """Dispatch until the connection fails; a missed ping reply counts as a failure."""
         last_heard = time.monotonic()
         ping_sent: float | None = None
+        control_channel = self._control_channel.encode()
         while True:
             reply = await pubsub.get_message(timeout=min(1.0, self.ping_interval))
             now = time.monotonic()
@@ -318,7 +448,10 @@ class RedisFanoutLayer(FanoutChannelLayer):
             last_heard, ping_sent = now, None
             kind = reply["type"]
             if kind == "message":
+                if reply["channel"] == control_channel:
+                    self._heard_on_control(reply["data"])
+                    continue
                 seq, _, data = reply["data"].partition(b":")
                 self.hub.dispatch(self._group_of(reply["channel"]), int(seq), self.decode(data))
             elif kind == "subscribe":
-                self._confirm(reply["channel"])
+                self._subscribed_to(reply["channel"])
