@@ -284,6 +284,21 @@ async def test_redis_outage_is_reported_to_members_and_the_subscription_comes_ba
         server.stop()
 
 
+async def test_commands_after_a_redis_restart_do_not_fail_on_old_pooled_connections():
+    server = RedisServer().start()
+    try:
+        layer = RedisFanoutLayer(url=server.url, prefix="restart", command_timeout=0.5)
+        await asyncio.gather(*(layer.group_seq("g") for _ in range(4)))  # four pooled connections
+        server.stop()
+        server.start()
+        await asyncio.sleep(0.2)
+        for _ in range(8):
+            assert await layer.group_seq("g") == 0
+        await layer.close()
+    finally:
+        server.stop()
+
+
 async def test_a_paused_redis_is_detected_by_missed_pings():
     server = RedisServer().start()
     try:

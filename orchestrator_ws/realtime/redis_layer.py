@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from orchestrator_ws.realtime.layers import FanoutChannelLayer, History, Message, contiguous
 from orchestrator_ws.realtime.metrics import REDIS_RECONNECTS
@@ -202,6 +203,11 @@ class RedisFanoutLayer(FanoutChannelLayer):
                 socket_timeout=self.command_timeout,
                 socket_connect_timeout=self.command_timeout,
                 retry=Retry(NoBackoff(), 0),
+                # With maintenance notifications on (redis-py's default over RESP3) the pool
+                # hands out a connection without checking it, so after a Redis restart each
+                # idle connection failed the next command sent on it. Off, the pool sees the
+                # closed socket and reconnects first.
+                maint_notifications_config=MaintNotificationsConfig(enabled=False),
             )
             redis = aioredis.Redis(connection_pool=pool)
             client = self._clients[loop] = _LoopClient(redis, redis.register_script(HISTORY_SCRIPT))
