@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from orchestrator_ws.realtime.layers import Hub, InMemoryFanoutLayer, contiguous, stamp
 from orchestrator_ws.realtime.redis_layer import PUBLISH_SCRIPT_SHA, RedisFanoutLayer, SubscribedGroups
@@ -295,6 +296,33 @@ async def test_commands_after_a_redis_restart_do_not_fail_on_old_pooled_connecti
         for _ in range(8):
             assert await layer.group_seq("g") == 0
         await layer.close()
+    finally:
+        server.stop()
+
+
+async def test_closing_the_layer_while_its_reader_cleans_up_after_a_failure_ends_the_reader(monkeypatch):
+    server = RedisServer().start()
+    try:
+        layer = RedisFanoutLayer(url=server.url, prefix="cleanup", command_timeout=0.5, ping_interval=0.3)
+        await joined(layer, "g", Member())
+        cleaning = asyncio.Event()
+        close_pubsub = aioredis.client.PubSub.aclose
+
+        async def slow_close(pubsub):
+            cleaning.set()
+            await asyncio.sleep(0.3)  # the close is cancelled in here
+            await close_pubsub(pubsub)
+
+        monkeypatch.setattr(aioredis.client.PubSub, "aclose", slow_close)
+        server.stop()  # the reader's connection fails; it closes it before reconnecting
+        await asyncio.wait_for(cleaning.wait(), 5)
+        closing = asyncio.ensure_future(layer.close())
+        done, _ = await asyncio.wait({closing}, timeout=2)
+        if not done:
+            server.start()  # a reader that swallowed the cancel reconnects: cancel it there
+            layer._reader.cancel()
+            await closing
+        assert done, "the reader went on reconnecting after the layer was closed"
     finally:
         server.stop()
 

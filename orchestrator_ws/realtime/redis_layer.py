@@ -428,11 +428,11 @@ class RedisFanoutLayer(FanoutChannelLayer):
             finally:
                 self._pubsub = None
                 self._stop_loading()
-                try:
+                # A cancel that lands here (the layer closing) must end the reader, not be
+                # taken for a failed close and followed by a reconnect.
+                with contextlib.suppress(*_FAILURES):
                     await asyncio.wait_for(pubsub.aclose(), self.command_timeout)
                     await asyncio.wait_for(client.aclose(), self.command_timeout)
-                except (*_FAILURES, asyncio.CancelledError):
-                    pass
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
