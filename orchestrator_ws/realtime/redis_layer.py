@@ -84,7 +84,7 @@ class SubscribedGroups:
     Being wrong is safe either way. A group listed after its last subscriber left costs building
     a detail nobody reads, until the reload. A group subscribed but not yet announced here (a
     millisecond, or a lost announcement until the reload) gets a ``group.resync`` in place of
-    the detail, which its clients answer with the fresh state.
+    the detail, and the detail endpoint sends its clients the fresh state instead.
 
     The home loop writes it and the broadcast thread reads it: ``known`` is only replaced whole
     or added to, and readers only test membership.
