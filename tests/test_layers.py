@@ -437,6 +437,21 @@ async def test_after_a_lost_subscription_connection_the_groups_are_known_again(p
     await there.close()
 
 
+async def test_flush_deletes_its_own_prefix_only_even_one_with_glob_characters(private_redis):
+    server, _ = private_redis
+    globbing, other = (
+        RedisFanoutLayer(url=server.url, prefix="f?"),
+        RedisFanoutLayer(url=server.url, prefix="fx"),
+    )
+    for layer in (globbing, other):
+        await layer.group_send("g", frame(1))
+    await globbing.flush()
+    assert await globbing.group_seq("g") == 0
+    assert await other.group_seq("g") == 1  # "f?" as a pattern would have matched "fx"
+    await globbing.close()
+    await other.close()
+
+
 def test_subscribed_groups_keep_what_is_announced_while_a_load_is_on_its_way():
     groups = SubscribedGroups()
     assert groups.among(["a"]) is None  # unknown: the caller asks Redis

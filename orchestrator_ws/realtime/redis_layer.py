@@ -121,6 +121,12 @@ class SubscribedGroups:
         return None if known is None else {group for group in groups if group in known}
 
 
+def _starting_with(text: str) -> str:
+    """A Redis glob pattern for the names that start with ``text`` (its glob characters taken
+    literally: a prefix such as ``app[1]`` must not match ``app1``'s keys or channels)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text) + "*"
+
+
 @dataclass
 class _LoopClient:
     """A command connection pool, and the history script bound to it, for one event loop."""
@@ -177,10 +183,6 @@ class RedisFanoutLayer(FanoutChannelLayer):
     def _group_of(self, channel: bytes | str) -> str:
         name = channel.decode() if isinstance(channel, bytes) else channel
         return name.removeprefix(f"{self.prefix}:group:")
-
-    def _channel_pattern(self) -> str:
-        """PUBSUB CHANNELS' pattern for every group channel (the prefix's glob characters escaped)."""
-        return re.sub(r"([*?\[\]\\])", r"\\\1", f"{self.prefix}:group:") + "*"
 
     # --- command side ---------------------------------------------------------------------------
 
@@ -285,7 +287,7 @@ class RedisFanoutLayer(FanoutChannelLayer):
     async def flush(self) -> None:
         await super().flush()
         redis = self._client().redis
-        async for key in redis.scan_iter(match=f"{self.prefix}:*"):
+        async for key in redis.scan_iter(match=_starting_with(f"{self.prefix}:")):
             await redis.delete(key)
 
     async def close(self) -> None:
@@ -379,7 +381,9 @@ class RedisFanoutLayer(FanoutChannelLayer):
             self.subscribed.loading()
             try:
                 async with asyncio.timeout(self.command_timeout):
-                    channels = await self._client().redis.pubsub_channels(self._channel_pattern())
+                    channels = await self._client().redis.pubsub_channels(
+                        _starting_with(f"{self.prefix}:group:")
+                    )
                 self.subscribed.loaded(self._group_of(channel) for channel in channels)
             except _FAILURES as exc:
                 logger.debug("loading the subscribed groups failed: %s", exc)
