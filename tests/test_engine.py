@@ -11,7 +11,7 @@ from django.db import connection, transaction
 
 from engine_status import services as engine_lock
 from engine_status.models import EngineSettings
-from engine_status.selectors import get_engine_status, is_locked
+from engine_status.selectors import EngineStatus, get_engine_status, is_locked
 from processes import services
 from processes.engine import _commit_step, no_broadcast
 from processes.models import Process, ProcessStatus, ProcessStep, StepStatus
@@ -207,6 +207,15 @@ def test_the_lock_is_read_from_its_row_which_is_created_when_missing(api_client)
     assert is_locked() is True
     put_lock(api_client, False)
     assert is_locked() is False
+
+
+def test_the_engine_status_is_read_from_its_row_which_is_created_when_missing():
+    EngineSettings.objects.all().delete()
+    assert get_engine_status() == EngineStatus(global_lock=False, running_processes=0)
+    row = EngineSettings.objects.filter(pk=EngineSettings.SINGLETON_PK)
+    assert row.exists()
+    row.update(global_lock=True, running_processes=3)
+    assert get_engine_status() == EngineStatus(global_lock=True, running_processes=3)
 
 
 @pytest.mark.parametrize("body", ['{"global_lock": "yes"}', "{}", '{"global_lock": true, "x": 1}', "nope"])
