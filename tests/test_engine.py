@@ -18,6 +18,7 @@ from processes.models import Process, ProcessStatus, ProcessStep, StepStatus
 from processes.workflow import (
     ApiUnavailable,
     InconsistentData,
+    Step,
     StepWaiting,
     Workflow,
     done,
@@ -314,3 +315,18 @@ def test_engine_lock_counts_are_atomic_under_contention():
         t.join()
     assert get_engine_status().running_processes == 1
     engine_lock.run_finished()
+
+
+def test_a_step_function_gets_what_its_parameters_ask_for():
+    whole = Step("whole", func=lambda state: {"keys": sorted(state)})
+    named = Step("named", func=lambda plan, attempt: {"seen": [plan, attempt]})
+    everything = Step("everything", func=lambda **given: {"seen": sorted(given)})
+    plain = Step("plain", func=lambda plan: {"seen": plan})
+    state = {"plan": "p", "other": 1}
+    assert whole.run(state, 1) == {"keys": ["other", "plan"]}
+    assert named.run(state, 3) == {"seen": ["p", 3]}
+    assert everything.run(state, 2) == {"seen": ["attempt", "other", "plan"]}
+    assert plain.run(state, 2) == {"seen": "p"}
+    assert [s.wants_attempt for s in (whole, named, everything, plain)] == [False, True, True, False]
+    # Asked again (the parameters are looked up once): the same answers.
+    assert named.run(state, 4) == {"seen": ["p", 4]} and named.wants_attempt
