@@ -332,7 +332,7 @@ class RedisFanoutLayer(FanoutChannelLayer):
 
     async def _unsubscribe(self, group: str) -> None:
         if self._pubsub is not None:
-            with contextlib.suppress(_FAILURES):
+            with contextlib.suppress(*_FAILURES):
                 await self._pubsub.unsubscribe(self._channel(group))
 
     def _subscribed_to(self, channel: bytes | str) -> None:
