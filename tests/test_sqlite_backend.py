@@ -145,3 +145,99 @@ def test_a_long_waiting_writer_takes_the_lock_within_milliseconds_of_its_release
         holder.close()
     assert max(handoffs) < 0.03, handoffs
     database.close()
+
+
+def count_begins(database) -> list[str]:
+    """Every BEGIN this connection runs, those SQLite answers busy included."""
+    begins: list[str] = []
+    database.ensure_connection()
+    database.connection.set_trace_callback(
+        lambda sql: begins.append(sql) if sql.startswith("BEGIN") else None
+    )
+    return begins
+
+
+def in_thread(target, *args) -> dict:
+    """Run ``target`` on a thread of its own (Django connections belong to one thread)."""
+    outcome: dict = {}
+
+    def run() -> None:
+        began = time.monotonic()
+        try:
+            outcome["result"] = target(*args)
+        except Exception as exc:
+            outcome["error"] = exc
+        outcome["seconds"] = time.monotonic() - began
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    outcome["thread"] = thread
+    return outcome
+
+
+def finished(outcome: dict) -> dict:
+    outcome["thread"].join(timeout=10)
+    assert not outcome["thread"].is_alive()
+    return outcome
+
+
+def test_writers_of_one_process_wait_asleep_and_take_the_lock_in_the_order_they_asked(tmp_path):
+    """One thread at a time asks SQLite; the others do not retry BEGIN while they wait."""
+    path = tmp_path / "db.sqlite3"
+    reader = open_database(path, timeout=10)
+    holder = hold_write_lock(path)
+    asked: list[str] = []
+
+    def writer(name: str) -> list[str]:
+        database = open_database(path, timeout=10)
+        begins = count_begins(database)
+        asked.append(name)
+        write_step(database, name)
+        database.close()
+        return begins
+
+    writers = {}
+    for index in range(5):
+        writers[f"w{index}"] = in_thread(writer, f"w{index}")
+        time.sleep(0.05)  # each asks once the one before is waiting
+    time.sleep(0.3)
+    holder.commit()
+    begins = {name: finished(outcome)["result"] for name, outcome in writers.items()}
+
+    assert names(reader) == ["holder", *asked]
+    assert len(begins[asked[0]]) > 10  # the head of the queue retried while the holder held on
+    assert [len(begins[name]) for name in asked[1:]] == [1, 1, 1, 1]
+    reader.close()
+    holder.close()
+
+
+def test_a_writer_queued_behind_one_of_its_own_process_gives_up_after_the_timeout(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    first = open_database(path, timeout=10)
+    first.set_autocommit(False, force_begin_transaction_with_broken_autocommit=True)
+    with first.cursor() as cursor:
+        cursor.execute("INSERT INTO steps VALUES ('first')")
+
+    second = finished(in_thread(lambda: write_step(open_database(path, timeout=0.3), "second")))
+    assert str(second["error"]) == "database is locked"
+    assert 0.3 <= second["seconds"] < 5
+
+    first.commit()
+    first.set_autocommit(True)
+    assert "error" not in finished(in_thread(lambda: write_step(open_database(path, timeout=0.3), "third")))
+    assert names(first) == ["first", "third"]
+    first.close()
+
+
+def test_a_connection_closed_inside_its_transaction_lets_the_next_writer_in(tmp_path):
+    """Django closes a connection whose rollback failed; its place in the queue goes with it."""
+    path = tmp_path / "db.sqlite3"
+    first = open_database(path, timeout=10)
+    first.set_autocommit(False, force_begin_transaction_with_broken_autocommit=True)
+    with first.cursor() as cursor:
+        cursor.execute("INSERT INTO steps VALUES ('gone with the connection')")
+    first.close()  # inside the transaction: Django's close() only closes the connection
+
+    second = finished(in_thread(lambda: write_step(open_database(path, timeout=0.3), "second")))
+    assert "error" not in second, second.get("error")
+    assert names(open_database(path, timeout=1)) == ["second"]

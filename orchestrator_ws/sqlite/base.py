@@ -14,11 +14,20 @@ locked"). Inside the transaction the handler stays off, which is safe: the trans
 write lock already, and in WAL mode nothing it does waits for another connection. Commit and
 rollback turn the handler back on for the statements outside transactions, which keep SQLite's
 usual wait. Other transaction modes take no lock at ``BEGIN`` and are left as Django runs them.
+
+Threads of one process do not all try: they queue on a lock of the process's own (one per
+database file), and only the thread at its head asks SQLite. With hundreds of workers (the
+setting allows 256) every one of them retrying every two milliseconds kept the interpreter busy
+for the writer that held the lock, and which retry won was luck: writers waited up to 11 s and
+requests starting processes timed out (docs/benchmarks.md). Asleep on the process's lock they
+cost nothing, and the process's writers take SQLite's lock in the order they asked for it.
 """
 
 from __future__ import annotations
 
+import collections
 import sqlite3
+import threading
 import time
 
 from django.db.backends.sqlite3 import base
@@ -27,7 +36,51 @@ FIRST_PAUSE_SECONDS = 0.0001
 LONGEST_PAUSE_SECONDS = 0.002
 
 
+class _WriterQueue:
+    """A lock taken in the order it was asked for: released, it goes to the longest waiter."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._waiters: collections.deque[threading.Lock] = collections.deque()
+        self._held = False
+
+    def acquire(self, timeout: float) -> bool:
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return True
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiters.append(turn)
+        if turn.acquire(timeout=max(0.0, timeout)):
+            return True
+        with self._mutex:
+            if turn in self._waiters:
+                self._waiters.remove(turn)
+                return False
+        return True  # handed over just as the wait timed out
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()  # still held: by the next in line
+            else:
+                self._held = False
+
+
+_queues: dict[str, _WriterQueue] = {}
+_queues_lock = threading.Lock()
+
+
+def _writer_queue(name: str) -> _WriterQueue:
+    with _queues_lock:
+        return _queues.setdefault(name, _WriterQueue())
+
+
 class DatabaseWrapper(base.DatabaseWrapper):
+    # The process's queue of writers to this file while this connection is at its head.
+    _writer_queue: _WriterQueue | None = None
+
     def get_connection_params(self) -> dict:
         params = super().get_connection_params()
         # Django's default is sqlite3's own: 5 s.
@@ -42,16 +95,23 @@ class DatabaseWrapper(base.DatabaseWrapper):
         if not self._begin_takes_lock:
             super()._start_transaction_under_autocommit()
             return
-        self.connection.execute("PRAGMA busy_timeout = 0")
-        try:
-            with self.wrap_database_errors:  # what fails is raised as Django's OperationalError
-                self._begin_without_busy_handler()
-        except BaseException:
-            self._restore_busy_handler()
-            raise
-
-    def _begin_without_busy_handler(self) -> None:
         deadline = time.monotonic() + self.busy_timeout
+        with self.wrap_database_errors:  # what fails is raised as Django's OperationalError
+            self._wait_in_writer_queue(deadline)
+            try:
+                self.connection.execute("PRAGMA busy_timeout = 0")
+                self._begin_without_busy_handler(deadline)
+            except BaseException:
+                self._end_transaction()
+                raise
+
+    def _wait_in_writer_queue(self, deadline: float) -> None:
+        queue = _writer_queue(str(self.settings_dict["NAME"]))
+        if not queue.acquire(timeout=deadline - time.monotonic()):
+            raise sqlite3.OperationalError("database is locked")
+        self._writer_queue = queue
+
+    def _begin_without_busy_handler(self, deadline: float) -> None:
         pause = FIRST_PAUSE_SECONDS
         while True:
             try:
@@ -67,14 +127,31 @@ class DatabaseWrapper(base.DatabaseWrapper):
         try:
             super()._commit()
         finally:
-            self._restore_busy_handler()
+            self._end_transaction()
 
     def _rollback(self) -> None:
         try:
             super()._rollback()
         finally:
-            self._restore_busy_handler()
+            self._end_transaction()
 
-    def _restore_busy_handler(self) -> None:
-        if self.connection is not None and self._begin_takes_lock:
-            self.connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+    def _close(self) -> None:
+        # Closing inside a transaction (Django does when a rollback fails) ends it too.
+        try:
+            super()._close()
+        finally:
+            self._leave_writer_queue()
+
+    def _end_transaction(self) -> None:
+        """Statements outside transactions wait with SQLite's handler again; the process's next
+        writer may ask for the lock. Safe to call when no transaction was started."""
+        try:
+            if self.connection is not None and self._begin_takes_lock:
+                self.connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        finally:
+            self._leave_writer_queue()
+
+    def _leave_writer_queue(self) -> None:
+        queue, self._writer_queue = self._writer_queue, None
+        if queue is not None:
+            queue.release()
