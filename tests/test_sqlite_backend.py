@@ -241,3 +241,40 @@ def test_a_connection_closed_inside_its_transaction_lets_the_next_writer_in(tmp_
     second = finished(in_thread(lambda: write_step(open_database(path, timeout=0.3), "second")))
     assert "error" not in second, second.get("error")
     assert names(open_database(path, timeout=1)) == ["second"]
+
+
+def test_a_write_outside_a_transaction_takes_its_turn_like_a_transaction(tmp_path):
+    """Left to SQLite's handler (asleep up to 100 ms between tries), a lone write of a busy
+    process's worker lost the lock to every retrying writer; here it keeps its place in the queue.
+    """
+    path = tmp_path / "db.sqlite3"
+    reader = open_database(path, timeout=10)
+    holder = hold_write_lock(path)
+
+    def alone() -> int:
+        database = open_database(path, timeout=10)
+        with database.cursor() as cursor:  # autocommit; RETURNING keeps the statement open
+            cursor.execute("INSERT INTO steps VALUES (%s) RETURNING rowid", ["alone"])
+            rowid = cursor.fetchone()[0]
+        database.close()
+        return rowid
+
+    def in_transaction() -> None:
+        database = open_database(path, timeout=10)
+        write_step(database, "in a transaction, asked later")
+        database.close()
+
+    first = in_thread(alone)
+    time.sleep(0.1)
+    second = in_thread(in_transaction)
+    time.sleep(0.4)
+    holder.commit()
+
+    assert finished(first)["result"] == 2
+    assert "error" not in finished(second)
+    reads = count_begins(reader)
+    assert names(reader) == ["holder", "alone", "in a transaction, asked later"]
+    assert reads == []  # reads outside transactions begin nothing
+    assert busy_timeout_ms(reader) == 10_000
+    reader.close()
+    holder.close()

@@ -13,14 +13,18 @@ until the database's ``timeout`` has passed; then it fails as SQLite would ("dat
 locked"). Inside the transaction the handler stays off, which is safe: the transaction holds the
 write lock already, and in WAL mode nothing it does waits for another connection. Commit and
 rollback turn the handler back on for the statements outside transactions, which keep SQLite's
-usual wait. Other transaction modes take no lock at ``BEGIN`` and are left as Django runs them.
+usual wait, except writes: one outside a transaction (a conditional ``UPDATE`` of the engine's,
+its own transaction in autocommit) is tried the same way. Other transaction modes take no lock
+at ``BEGIN`` and are left as Django runs them.
 
 Threads of one process do not all try: they queue on a lock of the process's own (one per
 database file), and only the thread at its head asks SQLite. With hundreds of workers (the
 setting allows 256) every one of them retrying every two milliseconds kept the interpreter busy
 for the writer that held the lock, and which retry won was luck: writers waited up to 11 s and
-requests starting processes timed out (docs/benchmarks.md). Asleep on the process's lock they
-cost nothing, and the process's writers take SQLite's lock in the order they asked for it.
+requests starting processes timed out (docs/benchmarks.md); a worker's lone ``UPDATE``, left
+to SQLite's handler, gave up after the 30 s timeout, and its process stalled. Asleep on the
+process's lock waiting writers cost nothing, and they take SQLite's lock in the order they
+asked for it.
 """
 
 from __future__ import annotations
@@ -29,11 +33,14 @@ import collections
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from django.db.backends.sqlite3 import base
 
 FIRST_PAUSE_SECONDS = 0.0001
 LONGEST_PAUSE_SECONDS = 0.002
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLAC")
 
 
 class _WriterQueue:
@@ -95,33 +102,46 @@ class DatabaseWrapper(base.DatabaseWrapper):
         if not self._begin_takes_lock:
             super()._start_transaction_under_autocommit()
             return
+        try:
+            self._at_our_turn(lambda: self.connection.execute(f"BEGIN {self.transaction_mode}"))
+        except BaseException:
+            self._end_transaction()
+            raise
+
+    def create_cursor(self, name=None):
+        return self.connection.cursor(factory=lambda connection: _CursorWrapper(connection, self))
+
+    def write_alone(self, sql: str, run: Callable[[], Any]) -> Any:
+        """``run`` a statement; a write outside a transaction (its own, in autocommit) waits
+        for this process's turn and SQLite's lock as a ``BEGIN`` does."""
+        lone_write = sql.lstrip()[:6].upper() in _WRITES and not self.connection.in_transaction
+        if not (lone_write and self._begin_takes_lock):
+            return run()
+        try:
+            return self._at_our_turn(run)
+        finally:
+            self._end_transaction()
+
+    def _at_our_turn(self, attempt: Callable[[], Any]) -> Any:
+        """Wait behind this process's earlier writers, then ``attempt`` until SQLite's lock is
+        free; raises "database is locked" once the timeout has passed."""
         deadline = time.monotonic() + self.busy_timeout
         with self.wrap_database_errors:  # what fails is raised as Django's OperationalError
-            self._wait_in_writer_queue(deadline)
-            try:
-                self.connection.execute("PRAGMA busy_timeout = 0")
-                self._begin_without_busy_handler(deadline)
-            except BaseException:
-                self._end_transaction()
-                raise
-
-    def _wait_in_writer_queue(self, deadline: float) -> None:
-        queue = _writer_queue(str(self.settings_dict["NAME"]))
-        if not queue.acquire(timeout=deadline - time.monotonic()):
-            raise sqlite3.OperationalError("database is locked")
-        self._writer_queue = queue
-
-    def _begin_without_busy_handler(self, deadline: float) -> None:
-        pause = FIRST_PAUSE_SECONDS
-        while True:
-            try:
-                self.connection.execute(f"BEGIN {self.transaction_mode}")
-                return
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
-                    raise
-            time.sleep(pause)
-            pause = min(2 * pause, LONGEST_PAUSE_SECONDS)
+            queue = _writer_queue(str(self.settings_dict["NAME"]))
+            if not queue.acquire(timeout=deadline - time.monotonic()):
+                raise sqlite3.OperationalError("database is locked")
+            self._writer_queue = queue
+            self.connection.execute("PRAGMA busy_timeout = 0")
+            pause = FIRST_PAUSE_SECONDS
+            while True:
+                try:
+                    return attempt()
+                except sqlite3.OperationalError as exc:
+                    # The primary code: a lone write can also meet SQLITE_BUSY_SNAPSHOT.
+                    if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                        raise
+                time.sleep(pause)
+                pause = min(2 * pause, LONGEST_PAUSE_SECONDS)
 
     def _commit(self) -> None:
         try:
@@ -155,3 +175,17 @@ class DatabaseWrapper(base.DatabaseWrapper):
         queue, self._writer_queue = self._writer_queue, None
         if queue is not None:
             queue.release()
+
+
+class _CursorWrapper(base.SQLiteCursorWrapper):
+    def __init__(self, connection: sqlite3.Connection, database: DatabaseWrapper) -> None:
+        super().__init__(connection)
+        self._database = database
+
+    def execute(self, query, params=None):
+        return self._database.write_alone(query, lambda: super(_CursorWrapper, self).execute(query, params))
+
+    def executemany(self, query, param_list):
+        return self._database.write_alone(
+            query, lambda: super(_CursorWrapper, self).executemany(query, param_list)
+        )
