@@ -48,12 +48,17 @@ def hold_write_lock(path) -> sqlite3.Connection:
     return holder
 
 
+def begin_step(database, name: str) -> None:
+    """What ``transaction.atomic()`` does on entering, then a write, on this connection."""
+    database.set_autocommit(False, force_begin_transaction_with_broken_autocommit=True)
+    with database.cursor() as cursor:
+        cursor.execute("INSERT INTO steps VALUES (%s)", [name])
+
+
 def write_step(database, name: str) -> None:
     """What ``transaction.atomic()`` does around a write, on this connection."""
-    database.set_autocommit(False, force_begin_transaction_with_broken_autocommit=True)
     try:
-        with database.cursor() as cursor:
-            cursor.execute("INSERT INTO steps VALUES (%s)", [name])
+        begin_step(database, name)
         database.commit()
     finally:
         database.set_autocommit(True)
@@ -109,9 +114,7 @@ def test_a_writer_gives_up_after_the_timeout_and_the_connection_stays_usable(tmp
 def test_a_rolled_back_transaction_gives_the_lock_back(tmp_path):
     path = tmp_path / "db.sqlite3"
     database = open_database(path, timeout=2)
-    database.set_autocommit(False, force_begin_transaction_with_broken_autocommit=True)
-    with database.cursor() as cursor:
-        cursor.execute("INSERT INTO steps VALUES ('discarded')")
+    begin_step(database, "discarded")
     database.rollback()
     database.set_autocommit(True)
     assert busy_timeout_ms(database) == 2000
@@ -214,9 +217,7 @@ def test_writers_of_one_process_wait_asleep_and_take_the_lock_in_the_order_they_
 def test_a_writer_queued_behind_one_of_its_own_process_gives_up_after_the_timeout(tmp_path):
     path = tmp_path / "db.sqlite3"
     first = open_database(path, timeout=10)
-    first.set_autocommit(False, force_begin_transaction_with_broken_autocommit=True)
-    with first.cursor() as cursor:
-        cursor.execute("INSERT INTO steps VALUES ('first')")
+    begin_step(first, "first")
 
     second = finished(in_thread(lambda: write_step(open_database(path, timeout=0.3), "second")))
     assert str(second["error"]) == "database is locked"
@@ -233,9 +234,7 @@ def test_a_connection_closed_inside_its_transaction_lets_the_next_writer_in(tmp_
     """Django closes a connection whose rollback failed; its place in the queue goes with it."""
     path = tmp_path / "db.sqlite3"
     first = open_database(path, timeout=10)
-    first.set_autocommit(False, force_begin_transaction_with_broken_autocommit=True)
-    with first.cursor() as cursor:
-        cursor.execute("INSERT INTO steps VALUES ('gone with the connection')")
+    begin_step(first, "gone with the connection")
     first.close()  # inside the transaction: Django's close() only closes the connection
 
     second = finished(in_thread(lambda: write_step(open_database(path, timeout=0.3), "second")))
