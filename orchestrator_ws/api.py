@@ -3,8 +3,11 @@ Every error body has a ``detail`` message; validation errors add ``errors`` with
 problem. Validation failures answer 400 (orchestrator-core's convention) rather than ninja's 422.
 """
 
+import logging
+
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import ValidationError
@@ -13,6 +16,8 @@ from engine_status.api import router as engine_router
 from processes.api import router as processes_router
 from processes.services import EngineLocked, ProcessConflict, ProcessNotFound, UnknownWorkflow
 from processes.workflow import FormInputError
+
+logger = logging.getLogger(__name__)
 
 api = NinjaAPI(
     title="orchestrator-ws",
@@ -46,6 +51,21 @@ def _body_too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
     # Unhandled, ninja answers it with a 500 under DEBUG (Django's HTML 400 otherwise).
     detail = f"request body larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes"
     return api.create_response(request, {"detail": detail}, status=413)
+
+
+def _database_unavailable(request: HttpRequest, exc: Exception) -> HttpResponse:
+    """The database refused a connection (PostgreSQL's "too many clients", a restart) or held
+    its lock past the timeout: the request's transaction rolled back, so nothing half-done is
+    left and the client may simply retry."""
+    logger.warning("%s %s: database unavailable: %s", request.method, request.path, exc)
+    reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    response = api.create_response(request, {"detail": f"database unavailable, retry: {reason}"}, status=503)
+    response["Retry-After"] = "1"
+    return response
+
+
+for error_class in (OperationalError, InterfaceError):
+    api.add_exception_handler(error_class, _database_unavailable)
 
 
 @api.exception_handler(FormInputError)

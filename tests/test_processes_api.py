@@ -6,7 +6,9 @@ import json
 import uuid
 
 import pytest
+from django.db import OperationalError
 
+from processes import services
 from processes.models import Process, ProcessStep
 from tests.helpers import wait_until
 
@@ -289,3 +291,27 @@ def test_resume_form_of_a_suspended_input_step(api_client):
     wait_for_status(api_client, done_id, "completed")
     assert api_client.get(f"/api/processes/{done_id}/resume-form").json() == {"form": None}
     assert api_client.get(f"/api/processes/{uuid.uuid4()}/resume-form").status_code == 404
+
+
+def test_a_database_that_refuses_connections_is_a_503_and_leaves_nothing_half_done(api_client, monkeypatch):
+    """PostgreSQL answers "too many clients" when its max_connections are taken."""
+    refused = OperationalError(
+        'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
+        "FATAL:  sorry, too many clients already"
+    )
+
+    def refuse(*args, **kwargs):
+        raise refused
+
+    monkeypatch.setattr(services, "record_step", refuse)  # inside the start's transaction
+    response = post_json(api_client, "/api/processes/quick_steps", [])
+    assert response.status_code == 503, response.content
+    assert response.json()["detail"] == f"database unavailable, retry: {refused}"
+    assert response["Retry-After"] == "1"
+    assert Process.objects.count() == 0  # the process row was rolled back with it
+
+    monkeypatch.setattr(services, "existing_process", refuse)
+    response = api_client.get(f"/api/processes/{uuid.uuid4()}")
+    assert response.status_code == 503
+    monkeypatch.undo()
+    start(api_client, "quick_steps")  # and it serves again once the database does
