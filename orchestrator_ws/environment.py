@@ -29,6 +29,8 @@ class Environment(BaseSettings):
     DATABASE_URL: str = f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
     REDIS_URL: str = ""
     MAX_WORKERS: int = Field(default=5, ge=1, le=256)
+    # PostgreSQL connections a server process keeps at most, whatever runs in its threads.
+    DATABASE_POOL_SIZE: int = Field(default=20, ge=1, le=1000)
     # "fanout": the project's layer (Redis when REDIS_URL is set, in-memory otherwise);
     # "redis" / "redis-pubsub": channels_redis's stock layers, the benchmark's baselines.
     CHANNEL_LAYER: Literal["fanout", "redis", "redis-pubsub"] = "fanout"

@@ -58,14 +58,23 @@ TEMPLATES = [
 
 
 def _database(url: str) -> dict:
-    """Parse DATABASE_URL; SQLite gets WAL, a busy timeout and IMMEDIATE transactions.
+    """Parse DATABASE_URL; SQLite gets WAL, a busy timeout and IMMEDIATE transactions,
+    PostgreSQL a connection pool.
 
     WAL lets readers run while a worker thread commits a step; IMMEDIATE takes the write lock at
     BEGIN so two writers queue on the busy timeout instead of failing with "database is locked"
     when one of them tries to upgrade a read lock. This is what lets the worker pool and several
     daphne processes share one SQLite file.
+
+    With PostgreSQL, a thread's connection goes back to the pool when Django closes it (at the
+    end of a request, and a worker's before each step's function runs), so a server process
+    needs at most DATABASE_POOL_SIZE connections however many processes its workers run:
+    without it, a hundred running processes took PostgreSQL's default max_connections.
     """
     database = dj_database_url.parse(url, conn_max_age=0)
+    if database["ENGINE"] == "django.db.backends.postgresql":
+        pool = {"min_size": 1, "max_size": ENV.DATABASE_POOL_SIZE, "timeout": 30}
+        database.setdefault("OPTIONS", {})["pool"] = pool
     if database["ENGINE"] == "django.db.backends.sqlite3":
         # Django's backend with a fairer wait for the write lock (orchestrator_ws/sqlite).
         database["ENGINE"] = "orchestrator_ws.sqlite"

@@ -140,6 +140,13 @@ def _commit_step(
     return logged
 
 
+def _lend_pooled_connection() -> None:
+    """A step's function may take minutes (an API call, a wait); meanwhile its worker's database
+    connection serves other threads. Only a pooled one: reopening SQLite's would only cost."""
+    if connection.settings_dict.get("OPTIONS", {}).get("pool"):
+        connection.close()
+
+
 class WorkerPool:
     """Executes processes on ``MAX_WORKERS`` threads; one per server process."""
 
@@ -280,6 +287,7 @@ class _Run:
             attempt += ProcessStep.objects.filter(
                 process=process, name=step.name, status__in=[StepStatus.FAILED, StepStatus.WAITING]
             ).count()
+        _lend_pooled_connection()
         try:
             delta = step.run(process.state, attempt)
         except StepWaiting as exc:

@@ -174,3 +174,46 @@ async def test_sigterm_closes_every_client_with_1001_and_exits(database, redis_u
         assert [s["name"] for s in body["steps"]] == LONG_STEPS
     finally:
         assert restarted.stop() == 0
+
+
+def open_connections(database_url: str) -> int | None:
+    """Connections PostgreSQL has open to this database (None on SQLite, which has no limit)."""
+    if not database_url.startswith("postgresql"):
+        return None
+    import psycopg
+
+    admin_url, name = database_url.rsplit("/", 1)
+    with psycopg.connect(f"{admin_url}/postgres", autocommit=True) as conn:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
+        return conn.execute(query, [name]).fetchone()[0]
+
+
+async def test_more_running_processes_than_database_connections_all_complete(database, redis_url):
+    """Workers lend their connection to the pool while a step's function runs: 24 processes
+    running at once on a server allowed 3 connections all finish, as fast as their steps allow.
+    (Each worker holding its own, a hundred running processes took PostgreSQL's default
+    max_connections, and the rest of the runs and requests failed with "too many clients".)"""
+    server = DaphneServer(database.url, redis_url, MAX_WORKERS="24", DATABASE_POOL_SIZE="3").start()
+    try:
+        began = time.monotonic()
+        ids = await asyncio.gather(
+            *(start_process(server, "long_running", [{"step_delay": 0.2}]) for _ in range(24))
+        )
+        most_connections = 0
+        while time.monotonic() - began < 30:
+            connections = await asyncio.to_thread(open_connections, database.url)
+            most_connections = max(most_connections, connections or 0)
+            _, listing = await asyncio.to_thread(http, server, "GET", "/api/processes/?status=completed")
+            if listing["count"] == len(ids):
+                break
+            await asyncio.sleep(0.05)
+        took = time.monotonic() - began
+        assert listing["count"] == len(ids)
+        # Five steps of 0.2 s: about a second each, all at once. Three at a time (workers keeping
+        # a connection while their steps sleep) would take eight.
+        assert took < 5, f"{took:.1f}s"
+        if database.url.startswith("postgresql"):
+            assert 0 < most_connections <= 3
+    finally:
+        assert server.stop() == 0, server.log
+    assert_clean_log(server)
